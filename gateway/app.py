@@ -1,0 +1,231 @@
+"""The composition root: the one place that knows concrete classes and wires them from config.
+
+Start: open outbox → start uplink and pipeline → start sources → READY=1. A broker that is down does
+not block readiness; the gateway buffers and says so in STATUS=.
+Stop (first SIGTERM/SIGINT): STOPPING=1 → stop sources → drain the pipeline into the outbox →
+flush the uplink within gateway.shutdown_flush_s → exit 0. A second signal exits at once; what was
+accepted is already on disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import Mapping
+from typing import Any
+
+import structlog
+
+from drivers.replay import ReplaySource
+from gateway import __version__
+from gateway.commands import Commands, ping
+from gateway.config import GatewayConfig, MqttUplinkConfig, ReplaySourceConfig
+from gateway.health import Heartbeats, Metrics, Notifier, RateMeter
+from gateway.outbox import Outbox
+from gateway.pipeline import Pipeline
+from gateway.types import Measurement, Reading
+from gateway.uplink import FileUplink, MqttUplink, Uplink
+from gateway.wire import Encoding
+
+log = structlog.get_logger(__name__)
+
+EXIT_OK = 0
+EXIT_SOFTWARE = 70
+EXIT_CONFIG = 78
+
+
+class Source:
+    """A configured source with the callbacks that connect it to the pipeline."""
+
+    def __init__(self, name: str, impl: ReplaySource) -> None:
+        self.name = name
+        self.impl = impl
+
+
+def build_source(cfg: ReplaySourceConfig) -> Source:
+    """Explicit registry: one branch per source type, no import-time discovery."""
+    return Source(cfg.name, ReplaySource(cfg.name, cfg.file, cfg.interval_s, loop=cfg.loop))
+
+
+class Gateway:
+    """One running gateway, wired from a validated config."""
+
+    def __init__(self, cfg: GatewayConfig, environ: Mapping[str, str]) -> None:
+        self._cfg = cfg
+        self._environ = environ
+        self._gateway_id = cfg.gateway.resolved_id()
+        self._metrics = Metrics()
+        self._notifier = Notifier(environ)
+        self._heartbeats = Heartbeats(cfg.gateway.heartbeat_timeout_s)
+        self._stop = asyncio.Event()
+        self._signals = 0
+        self._rates = RateMeter(self._metrics, ("events_in", "events_out"))
+
+    @property
+    def metrics(self) -> Metrics:
+        return self._metrics
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def _on_signal(self, signum: int) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            log.warning("second_signal_exit_now", signal=signal.Signals(signum).name)
+            # Everything put() accepted is committed; nothing else is worth waiting for.
+            os._exit(128 + signum)
+        log.info("stopping", signal=signal.Signals(signum).name)
+        self._stop.set()
+
+    async def run(self, *, stop_when_sources_done: bool = False) -> int:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._on_signal, signum)
+        try:
+            return await self._run(stop_when_sources_done=stop_when_sources_done)
+        finally:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(signum)
+
+    async def _run(self, *, stop_when_sources_done: bool) -> int:
+        cfg = self._cfg
+        uplink_cfg = cfg.uplink
+        encoding = (
+            uplink_cfg.encoding if isinstance(uplink_cfg, MqttUplinkConfig) else Encoding.JSON
+        )
+        log.info("gateway_starting", version=__version__, gateway_id=self._gateway_id)
+        async with Outbox(cfg.outbox_path, cfg.outbox, encoding) as outbox:
+            outbox.heartbeat = self._heartbeats.register("outbox")
+            pipeline = Pipeline(cfg.pipeline, outbox, self._metrics)
+            pipeline.heartbeat = self._heartbeats.register("pipeline")
+            commands = Commands(self._gateway_id, {"ping": ping})
+            uplink = self._build_uplink(outbox, commands)
+            uplink.heartbeat = self._heartbeats.register("uplink")
+            sources = [build_source(s) for s in cfg.sources]
+
+            async with asyncio.TaskGroup() as tg:
+                uplink_task = tg.create_task(uplink.run(), name="uplink")
+                pipeline_task = tg.create_task(pipeline.run(), name="pipeline")
+                watchdog_task = tg.create_task(self._watchdog(outbox, uplink), name="watchdog")
+                source_tasks = [
+                    tg.create_task(self._run_source(s, pipeline), name=f"source:{s.name}")
+                    for s in sources
+                ]
+                self._notifier.ready(self._status(outbox, uplink))
+                log.info("gateway_ready", sources=[s.name for s in sources], uplink=uplink_cfg.type)
+
+                if stop_when_sources_done:
+                    stopper = asyncio.ensure_future(self._stop.wait())
+                    await asyncio.wait({stopper, *source_tasks}, return_when="FIRST_COMPLETED")
+                    while not stopper.done() and not all(t.done() for t in source_tasks):
+                        await asyncio.wait({stopper, *source_tasks}, return_when="FIRST_COMPLETED")
+                    stopper.cancel()
+                else:
+                    await self._stop.wait()
+
+                self._notifier.stopping(self._status(outbox, uplink))
+                for task in source_tasks:
+                    task.cancel()
+                await asyncio.wait(source_tasks) if source_tasks else None
+                await pipeline.close()
+                await pipeline_task
+                await outbox.flush()
+                await uplink.stop(cfg.gateway.shutdown_flush_s)
+                await uplink_task
+                watchdog_task.cancel()
+        log.info("gateway_stopped", **self._metrics.counters)
+        return EXIT_OK
+
+    def _build_uplink(self, outbox: Outbox, commands: Commands) -> Uplink:
+        cfg = self._cfg.uplink
+        if isinstance(cfg, MqttUplinkConfig):
+            uplink = MqttUplink(
+                cfg,
+                self._gateway_id,
+                outbox,
+                self._metrics,
+                commands,
+                self._stats_provider(outbox),
+                self._environ,
+            )
+
+            async def stats_command(_args: Mapping[str, Any]) -> tuple[Measurement, ...]:
+                uplink.request_stats()
+                return (Measurement("reply", "stats published"),)
+
+            commands.register("stats", stats_command)
+            if not cfg.tls.enabled:
+                log.warning(
+                    "uplink_insecure",
+                    host=cfg.host,
+                    port=cfg.port,
+                    reason="tls.enabled = false and allow_insecure = true: events go in plaintext",
+                )
+            return uplink
+        return FileUplink(cfg, outbox, self._metrics)
+
+    def _stats_provider(self, outbox: Outbox) -> Any:
+        async def provide() -> dict[str, Any]:
+            snap = await outbox.stats()
+            counters = self._metrics.counters
+            return {
+                "v": 1,
+                "gateway": self._gateway_id,
+                "version": __version__,
+                "uptime_s": round(self._metrics.uptime_s(), 1),
+                "outbox": {
+                    "rows": snap.rows,
+                    "bytes": snap.bytes,
+                    "oldest_age_s": snap.oldest_age_s,
+                },
+                "drops": snap.drops,
+                "rates_per_s": self._rates.rates(),
+                "totals": {
+                    "readings_in": counters["readings_in"],
+                    "events_in": counters["events_in"],
+                    "events_out": counters["events_out"],
+                    "readings_dropped_queue_full": counters["readings_dropped_queue_full"],
+                    "source_errors": counters["source_errors"],
+                },
+                "reconnects": counters["uplink_connects"],
+                "connect_failures": counters["uplink_connect_failures"],
+            }
+
+        return provide
+
+    async def _run_source(self, source: Source, pipeline: Pipeline) -> None:
+        def report_error(kind: str, detail: str) -> None:
+            self._metrics.inc("source_errors")
+            self._metrics.inc(f"source_errors_{kind}")
+            log.warning("source_error", source=source.name, kind=kind, detail=detail)
+
+        async def emit(reading: Reading) -> None:
+            await pipeline.submit(reading)
+
+        await source.impl.run(emit, report_error)
+        log.info("source_finished", source=source.name)
+
+    def _status(self, outbox: Outbox, uplink: Uplink) -> str:
+        return (
+            f"broker {uplink.state}; outbox {outbox.depth()} queued; "
+            f"{self._metrics.counters['events_out']} sent"
+        )
+
+    async def _watchdog(self, outbox: Outbox, uplink: Uplink) -> None:
+        watchdog_s = self._notifier.watchdog_interval_s
+        # sd_watchdog_enabled(3) advises pinging at half the interval.
+        period = min(5.0, watchdog_s / 2) if watchdog_s else 5.0
+        reported: list[str] = []
+        while True:
+            stale = self._heartbeats.stale()
+            if not stale:
+                self._notifier.watchdog()
+            if stale != reported:
+                if stale:
+                    log.error("heartbeat_stale", components=stale)
+                else:
+                    log.info("heartbeat_ok")
+                reported = stale
+            self._notifier.status(self._status(outbox, uplink))
+            await asyncio.sleep(period)

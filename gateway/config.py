@@ -1,0 +1,349 @@
+"""Configuration: pydantic v2 models, one TOML file plus ``EDGE_GATEWAY_...`` environment overrides.
+
+Every model forbids unknown keys (a typo is an error, not a silently ignored line) and carries the
+unit in the field name. Secrets are never config values: the config names files (systemd
+credentials) and the uplink reads them when it connects.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from gateway.errors import ConfigError
+from gateway.wire import Encoding
+
+DEFAULT_CONFIG_PATH = Path("/etc/edge-gateway/gateway.toml")
+ENV_PREFIX = "EDGE_GATEWAY_"
+
+_TOPIC_SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GatewaySection(_Section):
+    """Identity and process-wide settings."""
+
+    id: str = Field(
+        "",
+        description="Gateway id used in every MQTT topic; empty means the host name.",
+    )
+    state_dir: Path = Field(
+        Path("/var/lib/edge-gateway"),
+        description="Where the outbox lives (systemd StateDirectory=).",
+    )
+    shutdown_flush_s: float = Field(
+        10.0, gt=0, description="On SIGTERM, how long the uplink may keep sending what is queued."
+    )
+    heartbeat_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="A component whose heartbeat is older than this stops the watchdog ping.",
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info")
+    log_format: Literal["auto", "json", "console"] = Field(
+        "auto", description="auto: JSON lines when stdout is not a terminal (journald)."
+    )
+
+    @field_validator("id")
+    @classmethod
+    def _id_is_topic_safe(cls, value: str) -> str:
+        if value and not _TOPIC_SAFE.match(value):
+            raise ValueError(
+                "may hold letters, digits, '_', '.', '-' (no '/', '+', '#'), at most 64"
+            )
+        return value
+
+    def resolved_id(self) -> str:
+        """The configured id, or the host name made topic-safe."""
+        if self.id:
+            return self.id
+        host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:64]
+        return host or "edge-gateway"
+
+
+class PipelineSection(_Section):
+    """The bounded queue between sources and analysis."""
+
+    queue_max: int = Field(1000, ge=1, le=1_000_000, description="Readings waiting for analysis.")
+    overflow: Literal["block", "drop_oldest"] = Field(
+        "block",
+        description="block: a source waits (no loss); drop_oldest: newest reading wins, counted.",
+    )
+
+
+class OutboxSection(_Section):
+    """The durable store-and-forward queue (SQLite, WAL)."""
+
+    file: str = Field("outbox.sqlite3", description="Relative to gateway.state_dir.")
+    max_rows: int = Field(1_000_000, ge=10, description="Events kept while the uplink is down.")
+    max_bytes: int = Field(256 * 1024 * 1024, ge=4096, description="Payload bytes kept.")
+    max_age_s: float = Field(
+        7 * 24 * 3600.0, gt=0, description="Telemetry older than this is dropped (alarms are not)."
+    )
+    commit_linger_ms: float = Field(
+        20.0,
+        ge=0,
+        le=1000,
+        description="Wait this long to gather telemetry into one commit (alarms commit at once).",
+    )
+    max_commit_rows: int = Field(2000, ge=1, description="Largest number of rows in one commit.")
+    synchronous: Literal["full", "normal"] = Field(
+        "full",
+        description="full: every commit is fsynced (survives power cuts); normal: survives "
+        "process crashes only, fewer SD-card flushes.",
+    )
+
+
+class TlsSection(_Section):
+    """TLS towards the broker."""
+
+    enabled: bool = Field(True, description="Plaintext needs allow_insecure = true as well.")
+    ca_file: Path | None = Field(None, description="CA bundle; empty means the system's CAs.")
+    cert_file: Path | None = Field(None, description="Client certificate for mutual TLS.")
+    key_file: Path | None = Field(
+        None, description="Client key; a relative name is looked up in $CREDENTIALS_DIRECTORY."
+    )
+
+    @model_validator(mode="after")
+    def _cert_and_key(self) -> TlsSection:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+
+class MqttUplinkConfig(_Section):
+    """MQTT uplink to the urban data platform (QoS 1, acknowledged by PUBACK)."""
+
+    type: Literal["mqtt"] = "mqtt"
+    host: str = Field("localhost", min_length=1)
+    port: int = Field(8883, ge=1, le=65535)
+    protocol: Literal["3.1.1", "5"] = Field("3.1.1")
+    client_id: str = Field("", description="Empty means edge-gateway-<gateway id>.")
+    keepalive_s: int = Field(60, ge=5, le=65535)
+    connect_timeout_s: float = Field(10.0, gt=0)
+    publish_timeout_s: float = Field(30.0, gt=0)
+    topic_prefix: str = Field("edge", min_length=1)
+    encoding: Encoding = Field(Encoding.JSON, description="json or cbor.")
+    max_inflight: int = Field(64, ge=1, le=65535, description="QoS 1 publishes awaiting PUBACK.")
+    batch_max_events: int = Field(
+        1, ge=1, le=10_000, description="1: one message per event; more: telemetry in batches."
+    )
+    batch_max_bytes: int = Field(64 * 1024, ge=1024, le=256 * 1024 * 1024)
+    reconnect_min_s: float = Field(1.0, gt=0)
+    reconnect_max_s: float = Field(60.0, gt=0)
+    stats_interval_s: float = Field(60.0, gt=0, description="Period of state/stats messages.")
+    username: str | None = None
+    password_file: Path | None = Field(
+        None, description="A relative name is looked up in $CREDENTIALS_DIRECTORY."
+    )
+    tls: TlsSection = TlsSection()
+    allow_insecure: bool = Field(False, description="Must be true to send without TLS.")
+
+    @model_validator(mode="after")
+    def _plaintext_is_explicit(self) -> MqttUplinkConfig:
+        if not self.tls.enabled and not self.allow_insecure:
+            raise ValueError("tls.enabled = false sends in plaintext: set allow_insecure = true")
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError("reconnect_max_s must be at least reconnect_min_s")
+        if self.password_file is not None and self.username is None:
+            raise ValueError("password_file needs a username")
+        return self
+
+
+class FileUplinkConfig(_Section):
+    """JSON-lines file (or stdout) uplink: the embedded default and a debugging aid."""
+
+    type: Literal["file"]
+    path: str = Field("-", description="'-' writes to standard output.")
+    fsync: bool = Field(True, description="fsync each batch before acknowledging it.")
+    batch_max_events: int = Field(500, ge=1, le=100_000)
+
+
+UplinkConfig = Annotated[MqttUplinkConfig | FileUplinkConfig, Field(discriminator="type")]
+
+
+class ReplaySourceConfig(_Section):
+    """Feeds a recording of readings (JSON lines) through the pipeline."""
+
+    type: Literal["replay"]
+    name: str = Field("replay", min_length=1, max_length=64)
+    file: Path | None = Field(None, description="Empty means the bundled demo recording.")
+    interval_s: float = Field(
+        0.0, ge=0, description="Pause between readings; 0 replays as fast as the pipeline takes."
+    )
+    loop: bool = Field(False, description="Start again at the end.")
+
+
+SourceConfig = Annotated[ReplaySourceConfig, Field(discriminator="type")]
+
+
+class GatewayConfig(BaseSettings):
+    """The whole configuration."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    gateway: GatewaySection = GatewaySection()
+    pipeline: PipelineSection = PipelineSection()
+    outbox: OutboxSection = OutboxSection()
+    uplink: UplinkConfig = MqttUplinkConfig()
+    sources: list[SourceConfig] = Field(default_factory=list)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The TOML file arrives as init values; the environment must win over the file, and
+        # nothing else (.env files, secrets dirs) may sneak in unannounced.
+        return (env_settings, init_settings)
+
+    @property
+    def outbox_path(self) -> Path:
+        return self.gateway.state_dir / self.outbox.file
+
+
+def credential_path(name: Path, environ: dict[str, str] | None = None) -> Path:
+    """Resolve a credential file: relative names live in systemd's $CREDENTIALS_DIRECTORY."""
+    env = os.environ if environ is None else environ
+    if name.is_absolute():
+        return name
+    cred_dir = env.get("CREDENTIALS_DIRECTORY")
+    return Path(cred_dir) / name if cred_dir else name
+
+
+def _format_value(value: Any) -> str:
+    text = repr(value) if isinstance(value, str) else str(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _dotted(loc: tuple[int | str, ...], data: Any) -> str:
+    """Render a pydantic location as ``sources[0].interval_s``.
+
+    Discriminated unions add the tag to the location (``uplink.mqtt.port``); the user never wrote
+    that level, so it is dropped by walking the input alongside the location.
+    """
+    parts: list[str] = []
+    node = data
+    for item in loc:
+        if isinstance(node, dict) and isinstance(item, str) and item not in node:
+            if node.get("type") == item:
+                continue
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+            node = node[item] if isinstance(node, list) and item < len(node) else None
+        else:
+            parts.append(f".{item}" if parts else item)
+            node = node.get(item) if isinstance(node, dict) else None
+    return "".join(parts) or "(top level)"
+
+
+def format_validation_error(exc: ValidationError, data: Any) -> list[str]:
+    """One line per problem: ``dotted.path: message (got: value)``."""
+    lines = []
+    for err in exc.errors(include_url=False):
+        path = _dotted(tuple(err["loc"]), data)
+        if err["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif err["type"] == "union_tag_invalid":
+            ctx = err.get("ctx", {})
+            message = f"unknown type {ctx.get('tag')!r}; expected one of {ctx.get('expected_tags')}"
+        else:
+            message = err["msg"].removeprefix("Value error, ")
+        got = err.get("input")
+        suffix = (
+            ""
+            if isinstance(got, dict) or err["type"] == "missing"
+            else f" (got: {_format_value(got)})"
+        )
+        lines.append(f"{path}: {message}{suffix}")
+    return lines
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Read a TOML file with errors that name the file and the line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise ConfigError(str(path), ["file: not found (got: {})".format(path)]) from exc
+    except PermissionError as exc:
+        raise ConfigError(str(path), [f"file: permission denied (got: {path})"]) from exc
+    except IsADirectoryError as exc:
+        raise ConfigError(str(path), [f"file: is a directory (got: {path})"]) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(str(path), [f"file: not UTF-8 text ({exc.reason})"]) from exc
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        # tomllib puts "(at line L, column C)" into the message, which is what a technician needs.
+        raise ConfigError(str(path), [f"toml: syntax error: {exc}"]) from exc
+
+
+def _check_files(cfg: GatewayConfig, environ: dict[str, str] | None) -> list[str]:
+    problems: list[str] = []
+    uplink = cfg.uplink
+    if not isinstance(uplink, MqttUplinkConfig):
+        return problems
+    candidates: list[tuple[str, Path | None]] = [
+        ("uplink.password_file", uplink.password_file),
+        ("uplink.tls.ca_file", uplink.tls.ca_file),
+        ("uplink.tls.cert_file", uplink.tls.cert_file),
+        ("uplink.tls.key_file", uplink.tls.key_file),
+    ]
+    for dotted, name in candidates:
+        if name is None:
+            continue
+        resolved = credential_path(name, environ)
+        if not resolved.is_file():
+            problems.append(f"{dotted}: file not found (got: {str(resolved)!r})")
+        elif not os.access(resolved, os.R_OK):
+            problems.append(f"{dotted}: file not readable by this user (got: {str(resolved)!r})")
+    for index, source in enumerate(cfg.sources):
+        if source.file is not None and not source.file.is_file():
+            problems.append(f"sources[{index}].file: file not found (got: {str(source.file)!r})")
+    return problems
+
+
+def load_config(path: Path, environ: dict[str, str] | None = None) -> GatewayConfig:
+    """Load and validate a config file plus environment overrides; raises ConfigError."""
+    data = read_toml(path)
+    return config_from_dict(data, str(path), environ)
+
+
+def config_from_dict(
+    data: dict[str, Any], source: str, environ: dict[str, str] | None = None
+) -> GatewayConfig:
+    """Validate already-parsed config data (the embedded demo uses this too)."""
+    try:
+        cfg = GatewayConfig(**data)
+    except ValidationError as exc:
+        raise ConfigError(source, format_validation_error(exc, data)) from exc
+    problems = _check_files(cfg, environ)
+    if problems:
+        raise ConfigError(source, problems)
+    return cfg

@@ -1,0 +1,537 @@
+"""Durable store-and-forward outbox in SQLite (WAL), owned by one component.
+
+Guarantees:
+
+* ``put()`` returns only after the event's row is committed, so it survives ``kill -9`` (and, with
+  ``synchronous = "full"``, a power cut).
+* Rows leave only through ``ack()``, which the uplink calls after the broker's PUBACK: delivery is
+  at-least-once, in order per lane, and a redelivered event keeps its ``event_id``.
+* Bounded by rows, bytes and age. When full, telemetry is evicted oldest-first; alarms are never
+  evicted to make room for telemetry. Every eviction is counted by lane and reason.
+
+Write pattern (what the SD card sees): one SQLite transaction per batch of puts and acks. The writer
+commits whatever has gathered while the previous commit ran (group commit), waiting up to
+``commit_linger_ms`` for telemetry to coalesce; an alarm commits at once. Each commit appends the
+changed pages to the WAL file and, with ``synchronous = "full"``, fsyncs it once; SQLite copies the
+WAL back into the database every ~1000 pages (checkpoint), and the WAL is truncated to
+``journal_size_limit``. All SQLite calls run on one dedicated worker thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Self, TypeVar
+
+import structlog
+
+from gateway.config import OutboxSection
+from gateway.errors import OutboxError
+from gateway.types import Event, Lane
+from gateway.wire import Encoding, encode
+
+log = structlog.get_logger(__name__)
+
+_T = TypeVar("_T")
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    -- AUTOINCREMENT: a seq is never reused, so a late ack can never delete a newer row.
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    lane INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    payload BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_lane_seq ON events (lane, seq);
+"""
+# Age eviction scans the head of the telemetry lane; once a second is plenty.
+_AGE_CHECK_INTERVAL_S = 1.0
+_EVICT_CHUNK = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    """One stored event, as the uplink sees it."""
+
+    seq: int
+    lane: Lane
+    kind: str
+    event_id: str
+    created_ms: int
+    payload: bytes
+
+
+@dataclass(slots=True)
+class _LaneTotals:
+    rows: int = 0
+    bytes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxStats:
+    """A snapshot for the stats message and STATUS=."""
+
+    rows: dict[str, int]
+    bytes: dict[str, int]
+    oldest_age_s: dict[str, float | None]
+    drops: dict[str, int]
+    put_total: int
+    acked_total: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Row:
+    lane: Lane
+    kind: str
+    event_id: str
+    created_ms: int
+    payload: bytes
+
+
+@dataclass(slots=True)
+class _PendingPut:
+    """Rows from one put call: committed together, so one future answers for all of them."""
+
+    rows: list[_Row]
+    done: asyncio.Future[None]
+
+
+class Outbox:
+    """The durable outbox. Use as ``async with Outbox(...) as outbox``."""
+
+    def __init__(
+        self,
+        path: Path,
+        cfg: OutboxSection,
+        encoding: Encoding = Encoding.JSON,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._path = path
+        self._cfg = cfg
+        self._encoding = encoding
+        self._clock = clock
+        self._executor: ThreadPoolExecutor | None = None
+        self._db: sqlite3.Connection | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self._pending: list[_PendingPut] = []
+        self._pending_acks: list[int] = []
+        self._acked: set[int] = set()
+        self._wake = asyncio.Event()
+        self._ready = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._cursor: dict[Lane, int] = dict.fromkeys(Lane, 0)
+        self._totals: dict[Lane, _LaneTotals] = {lane: _LaneTotals() for lane in Lane}
+        self._drops: Counter[str] = Counter()
+        self._put_total = 0
+        self._acked_total = 0
+        self._last_age_check = 0.0
+        self._closing = False
+        self.heartbeat: Callable[[], None] = lambda: None
+
+    @property
+    def encoding(self) -> Encoding:
+        return self._encoding
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox")
+        try:
+            await self._run(self._open)
+        except BaseException:
+            self._executor.shutdown(wait=True)
+            raise
+        self._writer = asyncio.create_task(self._write_loop(), name="outbox-writer")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._closing = True
+        try:
+            # Whatever put() is still waiting for gets committed before the file is closed.
+            await self.flush()
+        finally:
+            if self._writer is not None:
+                self._writer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._writer
+            await self._run(self._close)
+            assert self._executor is not None
+            self._executor.shutdown(wait=True)
+
+    async def _run(self, fn: Callable[[], _T]) -> _T:
+        assert self._executor is not None
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    def _open(self) -> None:
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = self._connect()
+        except sqlite3.DatabaseError as exc:
+            if isinstance(exc, sqlite3.OperationalError) and "unable to open" in str(exc):
+                raise OutboxError(f"cannot open outbox {self._path}: {exc}") from exc
+            # A corrupt file is kept for inspection, never deleted; the gateway goes on with a
+            # fresh outbox rather than refusing to forward anything ever again.
+            aside = self._path.with_name(f"{self._path.name}.corrupt-{int(self._clock())}")
+            self._path.rename(aside)
+            for suffix in ("-wal", "-shm"):
+                side = self._path.with_name(self._path.name + suffix)
+                if side.exists():
+                    side.rename(aside.with_name(aside.name + suffix))
+            log.error("outbox_corrupt", path=str(self._path), moved_to=str(aside), error=str(exc))
+            self._db = self._connect()
+        for lane_value, rows, nbytes in self._db.execute(
+            "SELECT lane, COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM events GROUP BY lane"
+        ):
+            self._totals[Lane(lane_value)] = _LaneTotals(rows, nbytes)
+        log.info(
+            "outbox_opened",
+            path=str(self._path),
+            rows={lane.name.lower(): t.rows for lane, t in self._totals.items()},
+        )
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            db = sqlite3.connect(
+                self._path, isolation_level=None, check_same_thread=False, timeout=5.0
+            )
+        except sqlite3.OperationalError as exc:
+            raise OutboxError(f"cannot open outbox {self._path}: {exc}") from exc
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(f"PRAGMA synchronous={self._cfg.synchronous.upper()}")
+            # Keeps the WAL from staying at its high-water mark after a burst.
+            db.execute("PRAGMA journal_size_limit=16777216")
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise OutboxError(
+                    f"outbox {self._path} has schema {version}, newer than this gateway's "
+                    f"{SCHEMA_VERSION}: refusing to touch it"
+                )
+            db.executescript(_SCHEMA)
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    # -- producer side ---------------------------------------------------------------------
+
+    async def put(self, event: Event) -> None:
+        """Store an event durably; returns once it is committed."""
+        await self.put_many([event])
+
+    async def put_many(self, events: Iterable[Event]) -> None:
+        """Store events durably in one commit; returns once they are committed."""
+        now_ms = int(self._clock() * 1000)
+        rows = [_Row(e.lane, e.kind, e.event_id, now_ms, encode(e, self._encoding)) for e in events]
+        await self._submit(rows)
+
+    async def put_encoded(self, lane: Lane, kind: str, event_id: str, payload: bytes) -> None:
+        """Store one already-encoded event durably (benchmarks use it to skip encoding)."""
+        await self._submit([_Row(lane, kind, event_id, int(self._clock() * 1000), payload)])
+
+    async def _submit(self, rows: list[_Row]) -> None:
+        if self._writer is None or self._writer.done():
+            raise OutboxError(f"outbox {self._path} is not open")
+        if not rows:
+            return
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append(_PendingPut(rows, done))
+        self._idle.clear()
+        self._wake.set()
+        await done
+
+    async def flush(self) -> None:
+        """Wait until every put and ack so far is committed."""
+        while self._pending or self._pending_acks or not self._idle.is_set():
+            self._wake.set()
+            await self._idle.wait()
+
+    # -- consumer side (the uplink) --------------------------------------------------------
+
+    async def fetch(self, limit: int, timeout_s: float | None = None) -> list[OutboxRow]:
+        """The next rows not yet handed out, alarm lane first.
+
+        Waits while there are none; after ``timeout_s`` returns an empty list so the caller's
+        loop can report its heartbeat.
+        """
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            self._ready.clear()
+            cursor = dict(self._cursor)
+            rows = await self._run(lambda: self._select(cursor, limit))
+            rows = [r for r in rows if r.seq not in self._acked]
+            if rows:
+                for row in rows:
+                    self._cursor[row.lane] = max(self._cursor[row.lane], row.seq)
+                return rows
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return []
+            try:
+                await asyncio.wait_for(self._ready.wait(), timeout=remaining)
+            except TimeoutError:
+                return []
+
+    def ack(self, seqs: Iterable[int]) -> None:
+        """The broker has the events with these seqs: delete them in the next commit."""
+        seqs = list(seqs)
+        self._acked.update(seqs)
+        self._pending_acks.extend(seqs)
+        self._acked_total += len(seqs)
+        self._idle.clear()
+        self._wake.set()
+
+    def rewind(self) -> None:
+        """Hand out every unacknowledged row again (after the uplink lost its session)."""
+        self._cursor = dict.fromkeys(Lane, 0)
+        self._ready.set()
+
+    def depth(self) -> int:
+        """Rows stored and not yet acknowledged."""
+        return sum(t.rows for t in self._totals.values())
+
+    async def stats(self) -> OutboxStats:
+        """Depth, oldest age and drops per lane."""
+        oldest = await self._run(self._oldest)
+        now_ms = self._clock() * 1000
+        return OutboxStats(
+            rows={lane.name.lower(): t.rows for lane, t in self._totals.items()},
+            bytes={lane.name.lower(): t.bytes for lane, t in self._totals.items()},
+            oldest_age_s={
+                lane.name.lower(): None if ms is None else round(max(0.0, (now_ms - ms) / 1000), 3)
+                for lane, ms in oldest.items()
+            },
+            drops=dict(self._drops),
+            put_total=self._put_total,
+            acked_total=self._acked_total,
+        )
+
+    # -- the writer ------------------------------------------------------------------------
+
+    async def _write_loop(self) -> None:
+        linger_s = self._cfg.commit_linger_ms / 1000
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+            except TimeoutError:
+                self.heartbeat()
+                if not self._pending and not self._pending_acks:
+                    self._idle.set()
+                    await self._run(self._expire_if_due)
+                    continue
+            self.heartbeat()
+            self._wake.clear()
+            urgent = self._closing or any(
+                row.lane is Lane.ALARM for put in self._pending for row in put.rows
+            )
+            if linger_s and not urgent and self._pending_rows() < self._cfg.max_commit_rows:
+                # Alarms arriving during the linger cut it short.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=linger_s)
+                self._wake.clear()
+            batch = self._take_batch()
+            acks, self._pending_acks = self._pending_acks, []
+            try:
+                inserted = await self._run(lambda: self._commit(batch, acks))
+            except (sqlite3.Error, OSError) as exc:
+                error = OutboxError(f"outbox {self._path}: commit failed: {exc}")
+                log.error("outbox_commit_failed", path=str(self._path), error=str(exc))
+                for item in batch:
+                    if not item.done.done():
+                        item.done.set_exception(error)
+                # The acks are not lost: the rows stay and are redelivered, as at-least-once allows.
+                self._acked.difference_update(acks)
+                self._wake.set()
+                continue
+            self._acked.difference_update(acks)
+            self._put_total += sum(len(put.rows) for put in batch)
+            for item in batch:
+                if not item.done.done():
+                    item.done.set_result(None)
+            if inserted:
+                self._ready.set()
+            if self._pending or self._pending_acks:
+                self._wake.set()
+            else:
+                self._idle.set()
+
+    def _pending_rows(self) -> int:
+        return sum(len(put.rows) for put in self._pending)
+
+    def _take_batch(self) -> list[_PendingPut]:
+        # A put_many is never split across commits, so its single future is honest.
+        taken = 0
+        count = 0
+        for put in self._pending:
+            if count and taken + len(put.rows) > self._cfg.max_commit_rows:
+                break
+            taken += len(put.rows)
+            count += 1
+        batch = self._pending[:count]
+        del self._pending[:count]
+        return batch
+
+    def _commit(self, batch: list[_PendingPut], acks: list[int]) -> bool:
+        db = self._db
+        assert db is not None
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if acks:
+                for lane_value, size in db.execute(
+                    f"DELETE FROM events WHERE seq IN ({','.join('?' * len(acks))}) "  # noqa: S608 -- only placeholders are interpolated
+                    "RETURNING lane, LENGTH(payload)",
+                    acks,
+                ).fetchall():
+                    totals = self._totals[Lane(lane_value)]
+                    totals.rows -= 1
+                    totals.bytes -= size
+            rows = [row for put in batch for row in put.rows]
+            if rows:
+                db.executemany(
+                    "INSERT INTO events (lane, kind, event_id, created_ms, payload) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    [(int(r.lane), r.kind, r.event_id, r.created_ms, r.payload) for r in rows],
+                )
+                for row in rows:
+                    totals = self._totals[row.lane]
+                    totals.rows += 1
+                    totals.bytes += len(row.payload)
+                self._enforce_bounds(db)
+            self._expire_if_due(db, in_transaction=True)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            self._reload_totals(db)
+            raise
+        return bool(rows)
+
+    def _reload_totals(self, db: sqlite3.Connection) -> None:
+        self._totals = {lane: _LaneTotals() for lane in Lane}
+        for lane_value, rows, nbytes in db.execute(
+            "SELECT lane, COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM events GROUP BY lane"
+        ):
+            self._totals[Lane(lane_value)] = _LaneTotals(rows, nbytes)
+
+    def _over_bounds(self) -> str | None:
+        rows = sum(t.rows for t in self._totals.values())
+        nbytes = sum(t.bytes for t in self._totals.values())
+        if rows > self._cfg.max_rows:
+            return "full_rows"
+        if nbytes > self._cfg.max_bytes:
+            return "full_bytes"
+        return None
+
+    def _enforce_bounds(self, db: sqlite3.Connection) -> None:
+        # Telemetry goes first; the alarm lane is only cut into when no telemetry is left, so an
+        # alarm is never lost to make room for telemetry.
+        for lane in (Lane.TELEMETRY, Lane.ALARM):
+            while (reason := self._over_bounds()) is not None and self._totals[lane].rows > 0:
+                excess_rows = max(
+                    0, sum(t.rows for t in self._totals.values()) - self._cfg.max_rows
+                )
+                excess_bytes = max(
+                    0, sum(t.bytes for t in self._totals.values()) - self._cfg.max_bytes
+                )
+                candidates = db.execute(
+                    "SELECT seq, LENGTH(payload) FROM events WHERE lane = ? ORDER BY seq LIMIT ?",
+                    (int(lane), _EVICT_CHUNK),
+                ).fetchall()
+                last_seq = candidates[-1][0]
+                freed_rows = freed_bytes = 0
+                for seq, size in candidates:
+                    freed_rows += 1
+                    freed_bytes += size
+                    last_seq = seq
+                    if freed_rows >= excess_rows and freed_bytes >= excess_bytes:
+                        break
+                self._evict(db, lane, "seq <= ?", (last_seq,), reason)
+
+    def _evict(
+        self, db: sqlite3.Connection, lane: Lane, where: str, args: tuple[int, ...], reason: str
+    ) -> None:
+        deleted = db.execute(
+            f"DELETE FROM events WHERE lane = ? AND {where} RETURNING LENGTH(payload)",  # noqa: S608 -- fixed clauses only
+            (int(lane), *args),
+        ).fetchall()
+        if not deleted:
+            return
+        totals = self._totals[lane]
+        totals.rows -= len(deleted)
+        totals.bytes -= sum(size for (size,) in deleted)
+        key = f"{lane.name.lower()}_{reason}"
+        self._drops[key] += len(deleted)
+        log.warning("outbox_dropped", lane=lane.name.lower(), reason=reason, n=len(deleted))
+
+    def _expire_if_due(
+        self, db: sqlite3.Connection | None = None, *, in_transaction: bool = False
+    ) -> None:
+        now = self._clock()
+        if now - self._last_age_check < _AGE_CHECK_INTERVAL_S:
+            return
+        self._last_age_check = now
+        db = db or self._db
+        assert db is not None
+        cutoff_ms = int((now - self._cfg.max_age_s) * 1000)
+        # Alarms do not expire: an old alarm is still an alarm the platform has not seen.
+        if self._totals[Lane.TELEMETRY].rows == 0:
+            return
+        if in_transaction:
+            self._evict(db, Lane.TELEMETRY, "created_ms < ?", (cutoff_ms,), "expired")
+            return
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            self._evict(db, Lane.TELEMETRY, "created_ms < ?", (cutoff_ms,), "expired")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            self._reload_totals(db)
+            raise
+
+    def _select(self, cursor: dict[Lane, int], limit: int) -> list[OutboxRow]:
+        db = self._db
+        assert db is not None
+        rows: list[OutboxRow] = []
+        for lane in Lane:
+            if len(rows) >= limit:
+                break
+            for seq, kind, event_id, created_ms, payload in db.execute(
+                "SELECT seq, kind, event_id, created_ms, payload FROM events "
+                "WHERE lane = ? AND seq > ? ORDER BY seq LIMIT ?",
+                (int(lane), cursor[lane], limit - len(rows)),
+            ):
+                rows.append(OutboxRow(seq, lane, kind, event_id, created_ms, payload))
+        return rows
+
+    def _oldest(self) -> dict[Lane, int | None]:
+        db = self._db
+        assert db is not None
+        out: dict[Lane, int | None] = {}
+        for lane in Lane:
+            row = db.execute(
+                "SELECT created_ms FROM events WHERE lane = ? ORDER BY seq LIMIT 1", (int(lane),)
+            ).fetchone()
+            out[lane] = None if row is None else int(row[0])
+        return out
