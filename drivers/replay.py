@@ -30,7 +30,7 @@ def parse_line(source: str, line: str) -> Reading:
     except json.JSONDecodeError as exc:
         raise ValueError(f"not JSON: {exc.msg} at column {exc.colno}") from exc
     if not isinstance(data, dict):
-        raise ValueError(f"a reading is an object (got: {type(data).__name__})")
+        raise ValueError(f"a reading is an object (got: {type(data).__name__})")  # noqa: TRY004 -- callers catch ValueError for every malformed line
     try:
         ts = datetime.fromisoformat(data["ts"])
         values = tuple(Measurement(v["n"], v["v"], v.get("u")) for v in data["values"])

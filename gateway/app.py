@@ -144,10 +144,10 @@ class Gateway:
                 cfg,
                 self._gateway_id,
                 outbox,
-                self._metrics,
-                commands,
-                self._stats_provider(outbox),
-                self._environ,
+                metrics=self._metrics,
+                commands=commands,
+                stats=self._stats_provider(outbox),
+                environ=self._environ,
             )
 
             async def stats_command(_args: Mapping[str, Any]) -> tuple[Measurement, ...]:

@@ -11,6 +11,7 @@ import os
 import re
 import socket
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -228,7 +229,7 @@ class GatewayConfig(BaseSettings):
         return self.gateway.state_dir / self.outbox.file
 
 
-def credential_path(name: Path, environ: dict[str, str] | None = None) -> Path:
+def credential_path(name: Path, environ: Mapping[str, str] | None = None) -> Path:
     """Resolve a credential file: relative names live in systemd's $CREDENTIALS_DIRECTORY."""
     env = os.environ if environ is None else environ
     if name.is_absolute():
@@ -251,9 +252,9 @@ def _dotted(loc: tuple[int | str, ...], data: Any) -> str:
     parts: list[str] = []
     node = data
     for item in loc:
-        if isinstance(node, dict) and isinstance(item, str) and item not in node:
-            if node.get("type") == item:
-                continue
+        is_union_tag = isinstance(node, dict) and item not in node and node.get("type") == item
+        if is_union_tag:
+            continue
         if isinstance(item, int):
             parts.append(f"[{item}]")
             node = node[item] if isinstance(node, list) and item < len(node) else None
@@ -290,7 +291,7 @@ def read_toml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError as exc:
-        raise ConfigError(str(path), ["file: not found (got: {})".format(path)]) from exc
+        raise ConfigError(str(path), [f"file: not found (got: {path})"]) from exc
     except PermissionError as exc:
         raise ConfigError(str(path), [f"file: permission denied (got: {path})"]) from exc
     except IsADirectoryError as exc:

@@ -9,18 +9,21 @@ Guarantees:
 * Bounded by rows, bytes and age. When full, telemetry is evicted oldest-first; alarms are never
   evicted to make room for telemetry. Every eviction is counted by lane and reason.
 
-Write pattern (what the SD card sees): one SQLite transaction per batch of puts and acks. The writer
+Write pattern (what the SD card sees): one SQLite transaction per batch of puts and acks. The
+writer
 commits whatever has gathered while the previous commit ran (group commit), waiting up to
 ``commit_linger_ms`` for telemetry to coalesce; an alarm commits at once. Each commit appends the
 changed pages to the WAL file and, with ``synchronous = "full"``, fsyncs it once; SQLite copies the
 WAL back into the database every ~1000 pages (checkpoint), and the WAL is truncated to
-``journal_size_limit``. All SQLite calls run on one dedicated worker thread, never on the event loop.
+``journal_size_limit``. All SQLite calls run on one dedicated worker thread, never on the event
+loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import sqlite3
 import time
 from collections import Counter
@@ -281,7 +284,7 @@ class Outbox:
         while True:
             self._ready.clear()
             cursor = dict(self._cursor)
-            rows = await self._run(lambda: self._select(cursor, limit))
+            rows = await self._run(functools.partial(self._select, cursor, limit))
             rows = [r for r in rows if r.seq not in self._acked]
             if rows:
                 for row in rows:
@@ -355,7 +358,7 @@ class Outbox:
             batch = self._take_batch()
             acks, self._pending_acks = self._pending_acks, []
             try:
-                inserted = await self._run(lambda: self._commit(batch, acks))
+                inserted = await self._run(functools.partial(self._commit, batch, acks))
             except (sqlite3.Error, OSError) as exc:
                 error = OutboxError(f"outbox {self._path}: commit failed: {exc}")
                 log.error("outbox_commit_failed", path=str(self._path), error=str(exc))
@@ -460,9 +463,8 @@ class Outbox:
                     (int(lane), _EVICT_CHUNK),
                 ).fetchall()
                 last_seq = candidates[-1][0]
-                freed_rows = freed_bytes = 0
-                for seq, size in candidates:
-                    freed_rows += 1
+                freed_bytes = 0
+                for freed_rows, (seq, size) in enumerate(candidates, start=1):
                     freed_bytes += size
                     last_seq = seq
                     if freed_rows >= excess_rows and freed_bytes >= excess_bytes:

@@ -60,11 +60,11 @@ class Uplink(Protocol):
     async def stop(self, deadline_s: float) -> None: ...
 
 
-class _SessionLost(Exception):
+class _SessionLostError(Exception):
     """The connection failed or dropped; retried with backoff."""
 
 
-class _StableSessionLost(Exception):
+class _StableSessionLostError(Exception):
     """A long-lived connection dropped; retried with a fresh backoff."""
 
 
@@ -102,6 +102,7 @@ class MqttUplink:
         cfg: MqttUplinkConfig,
         gateway_id: str,
         outbox: Outbox,
+        *,
         metrics: Metrics,
         commands: Commands,
         stats: StatsProvider,
@@ -150,7 +151,7 @@ class MqttUplink:
                     max=self._cfg.reconnect_max_s,
                     jitter=self._cfg.reconnect_min_s,
                 ),
-                retry=retry_if_exception_type(_SessionLost),
+                retry=retry_if_exception_type(_SessionLostError),
                 sleep=self._sleep,
                 before_sleep=self._before_sleep,
                 reraise=True,
@@ -161,9 +162,10 @@ class MqttUplink:
                         if self._stop_requested.is_set():
                             return
                         await self._session()
-                return
-            except _StableSessionLost:
+            except _StableSessionLostError:
                 continue
+            else:
+                return
 
     async def _sleep(self, seconds: float) -> None:
         # Backoff waits end early on stop (the outbox already holds everything safely) and beat
@@ -223,7 +225,7 @@ class MqttUplink:
     def _publish_properties(self) -> Properties | None:
         if self._cfg.protocol != "5":
             return None
-        props = Properties(PacketTypes.PUBLISH)
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
         props.ContentType = CONTENT_TYPES[self._cfg.encoding]
         return props
 
@@ -294,8 +296,8 @@ class MqttUplink:
                 self._metrics.inc("uplink_disconnects")
                 log.warning("uplink_disconnected", error=str(cause))
                 if time.monotonic() - connected_at > _STABLE_SESSION_S:
-                    raise _StableSessionLost(str(cause)) from cause
-            raise _SessionLost(str(cause)) from cause
+                    raise _StableSessionLostError(str(cause)) from cause
+            raise _SessionLostError(str(cause)) from cause
         self._state = "stopped"
 
     async def _serve(self, client: aiomqtt.Client) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, cast
+from typing import Any
 
 import cbor2
 import orjson
@@ -96,7 +96,8 @@ def encode(event: Event, encoding: Encoding) -> bytes:
     wire = to_wire(event)
     if encoding is Encoding.CBOR:
         # datetime_as_timestamp: tag 1 (epoch seconds) is 9 bytes against ~30 for the ISO string.
-        return cast(bytes, cbor2.dumps(wire, datetime_as_timestamp=True))
+        encoded: bytes = cbor2.dumps(wire, datetime_as_timestamp=True)
+        return encoded
     return orjson.dumps(wire, option=orjson.OPT_UTC_Z)
 
 
