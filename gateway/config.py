@@ -18,12 +18,19 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 from gateway.errors import ConfigError
 from gateway.wire import Encoding
@@ -32,6 +39,15 @@ DEFAULT_CONFIG_PATH = Path("/etc/edge-gateway/gateway.toml")
 ENV_PREFIX = "EDGE_GATEWAY_"
 
 _TOPIC_SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class FieldCheckError(ValueError):
+    """A cross-field check that blames one field, so the message can name it and its value."""
+
+    def __init__(self, field: str, value: Any, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+        self.value = value
 
 
 class _Section(BaseModel):
@@ -125,7 +141,8 @@ class TlsSection(_Section):
     @model_validator(mode="after")
     def _cert_and_key(self) -> TlsSection:
         if (self.cert_file is None) != (self.key_file is None):
-            raise ValueError("cert_file and key_file go together")
+            missing = "key_file" if self.key_file is None else "cert_file"
+            raise FieldCheckError(missing, None, "cert_file and key_file go together")
         return self
 
 
@@ -160,11 +177,17 @@ class MqttUplinkConfig(_Section):
     @model_validator(mode="after")
     def _plaintext_is_explicit(self) -> MqttUplinkConfig:
         if not self.tls.enabled and not self.allow_insecure:
-            raise ValueError("tls.enabled = false sends in plaintext: set allow_insecure = true")
+            raise FieldCheckError(
+                "allow_insecure",
+                self.allow_insecure,
+                "tls.enabled = false sends in plaintext: set allow_insecure = true",
+            )
         if self.reconnect_max_s < self.reconnect_min_s:
-            raise ValueError("reconnect_max_s must be at least reconnect_min_s")
+            raise FieldCheckError(
+                "reconnect_max_s", self.reconnect_max_s, "must be at least reconnect_min_s"
+            )
         if self.password_file is not None and self.username is None:
-            raise ValueError("password_file needs a username")
+            raise FieldCheckError("username", None, "password_file needs a username")
         return self
 
 
@@ -177,7 +200,18 @@ class FileUplinkConfig(_Section):
     batch_max_events: int = Field(500, ge=1, le=100_000)
 
 
-UplinkConfig = Annotated[MqttUplinkConfig | FileUplinkConfig, Field(discriminator="type")]
+def _uplink_type(value: Any) -> Any:
+    # MQTT is the default uplink: `[uplink] host = ...` (or EDGE_GATEWAY_UPLINK__HOST alone)
+    # must not need `type = "mqtt"` spelled out.
+    if isinstance(value, dict):
+        return value.get("type", "mqtt")
+    return getattr(value, "type", None)
+
+
+UplinkConfig = Annotated[
+    Annotated[MqttUplinkConfig, Tag("mqtt")] | Annotated[FileUplinkConfig, Tag("file")],
+    Discriminator(_uplink_type),
+]
 
 
 class ReplaySourceConfig(_Section):
@@ -243,45 +277,51 @@ def _format_value(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _dotted(loc: tuple[int | str, ...], data: Any) -> str:
-    """Render a pydantic location as ``sources[0].interval_s``.
+# Discriminated unions put the member's tag into an error's location (`uplink.mqtt.port`); the
+# user never wrote that level. The tags, by the location shape that precedes them ("[]": an index).
+_TAGS_AFTER: dict[tuple[str, ...], frozenset[str]] = {
+    ("uplink",): frozenset({"mqtt", "file"}),
+    ("sources", "[]"): frozenset({"replay"}),
+}
 
-    Discriminated unions add the tag to the location (``uplink.mqtt.port``); the user never wrote
-    that level, so it is dropped by walking the input alongside the location.
-    """
+
+def _dotted(loc: tuple[int | str, ...]) -> str:
+    """Render a pydantic location as ``sources[0].interval_s``, without union tags."""
     parts: list[str] = []
-    node = data
+    shape: list[str] = []
     for item in loc:
-        is_union_tag = isinstance(node, dict) and item not in node and node.get("type") == item
-        if is_union_tag:
+        if isinstance(item, str) and item in _TAGS_AFTER.get(tuple(shape), ()):
+            shape.append("<tag>")
             continue
         if isinstance(item, int):
+            shape.append("[]")
             parts.append(f"[{item}]")
-            node = node[item] if isinstance(node, list) and item < len(node) else None
         else:
+            shape.append(item)
             parts.append(f".{item}" if parts else item)
-            node = node.get(item) if isinstance(node, dict) else None
     return "".join(parts) or "(top level)"
 
 
-def format_validation_error(exc: ValidationError, data: Any) -> list[str]:
+def format_validation_error(exc: ValidationError) -> list[str]:
     """One line per problem: ``dotted.path: message (got: value)``."""
     lines = []
     for err in exc.errors(include_url=False):
-        path = _dotted(tuple(err["loc"]), data)
+        path = _dotted(tuple(err["loc"]))
+        ctx = err.get("ctx") or {}
+        got = err.get("input")
+        show_got = not isinstance(got, dict) and err["type"] != "missing"
         if err["type"] == "extra_forbidden":
             message = "unknown key"
         elif err["type"] == "union_tag_invalid":
-            ctx = err.get("ctx", {})
-            message = f"unknown type {ctx.get('tag')!r}; expected one of {ctx.get('expected_tags')}"
+            path, got, show_got = f"{path}.type", ctx.get("tag"), True
+            message = f"unknown type; expected one of {ctx.get('expected_tags')}"
+        elif isinstance(ctx.get("error"), FieldCheckError):
+            blamed = ctx["error"]
+            path, got, show_got = f"{path}.{blamed.field}", blamed.value, True
+            message = str(blamed)
         else:
             message = err["msg"].removeprefix("Value error, ")
-        got = err.get("input")
-        suffix = (
-            ""
-            if isinstance(got, dict) or err["type"] == "missing"
-            else f" (got: {_format_value(got)})"
-        )
+        suffix = f" (got: {_format_value(got)})" if show_got else ""
         lines.append(f"{path}: {message}{suffix}")
     return lines
 
@@ -340,11 +380,33 @@ def config_from_dict(
     data: dict[str, Any], source: str, environ: dict[str, str] | None = None
 ) -> GatewayConfig:
     """Validate already-parsed config data (the embedded demo uses this too)."""
+    # BaseSettings.__init__ takes its own options as `_name` keywords (_env_prefix,
+    # _cli_parse_args, ...): a key from the file must never reach them.
+    problems = [
+        f"{key}: unknown key (got: {_format_value(value)})"
+        for key, value in data.items()
+        if key.startswith("_")
+    ]
+    fields = {key: value for key, value in data.items() if not key.startswith("_")}
     try:
-        cfg = GatewayConfig(**data)
+        cfg = GatewayConfig(**fields)
     except ValidationError as exc:
-        raise ConfigError(source, format_validation_error(exc, data)) from exc
-    problems = _check_files(cfg, environ)
+        raise ConfigError(source, problems + format_validation_error(exc)) from exc
+    except SettingsError as exc:
+        # An environment override of a table or list must be JSON; pydantic-settings reports
+        # "error parsing value for field "sources" from source "EnvSettingsSource"".
+        match = re.search(r'field "([^"]+)"', str(exc))
+        name = match.group(1) if match else ""
+        variable = f"{ENV_PREFIX}{name.upper()}"
+        raise ConfigError(
+            source,
+            [
+                *problems,
+                f"{name or '(environment)'}: {variable} is not valid JSON "
+                f"(got: {_format_value(os.environ.get(variable, ''))})",
+            ],
+        ) from exc
+    problems += _check_files(cfg, environ)
     if problems:
         raise ConfigError(source, problems)
     return cfg

@@ -61,6 +61,8 @@ CREATE INDEX IF NOT EXISTS events_lane_seq ON events (lane, seq);
 # Age eviction scans the head of the telemetry lane; once a second is plenty.
 _AGE_CHECK_INTERVAL_S = 1.0
 _EVICT_CHUNK = 1000
+# A commit group of at least this many rows is written at once, without lingering.
+_LINGER_BELOW_ROWS = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,7 +170,8 @@ class Outbox:
         self._closing = True
         try:
             # Whatever put() is still waiting for gets committed before the file is closed.
-            await self.flush()
+            if self._writer is not None and not self._writer.done():
+                await self.flush()
         finally:
             if self._writer is not None:
                 self._writer.cancel()
@@ -269,6 +272,8 @@ class Outbox:
     async def flush(self) -> None:
         """Wait until every put and ack so far is committed."""
         while self._pending or self._pending_acks or not self._idle.is_set():
+            if self._writer is None or self._writer.done():
+                raise OutboxError(f"outbox {self._path}: writer is not running")
             self._wake.set()
             await self._idle.wait()
 
@@ -347,13 +352,18 @@ class Outbox:
                     continue
             self.heartbeat()
             self._wake.clear()
-            urgent = self._closing or any(
-                row.lane is Lane.ALARM for put in self._pending for row in put.rows
-            )
-            if linger_s and not urgent and self._pending_rows() < self._cfg.max_commit_rows:
-                # Alarms arriving during the linger cut it short.
+            # Linger only while the group is small: rows that piled up while the previous commit
+            # ran are a good group already (a producer awaiting put() adds nothing until it
+            # commits), so waiting would only add latency. A small group waits up to linger_s
+            # for company; an alarm, closing, or the group reaching _LINGER_BELOW_ROWS ends it.
+            deadline = time.monotonic() + linger_s
+            while (
+                not self._urgent()
+                and self._pending_rows() < _LINGER_BELOW_ROWS
+                and (remaining := deadline - time.monotonic()) > 0
+            ):
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=linger_s)
+                    await asyncio.wait_for(self._wake.wait(), timeout=remaining)
                 self._wake.clear()
             batch = self._take_batch()
             acks, self._pending_acks = self._pending_acks, []
@@ -380,6 +390,11 @@ class Outbox:
                 self._wake.set()
             else:
                 self._idle.set()
+
+    def _urgent(self) -> bool:
+        return self._closing or any(
+            row.lane is Lane.ALARM for put in self._pending for row in put.rows
+        )
 
     def _pending_rows(self) -> int:
         return sum(len(put.rows) for put in self._pending)

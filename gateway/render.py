@@ -46,7 +46,8 @@ def _toml_value(value: Any) -> str:
         return json.dumps(str(value))
     if isinstance(value, str):
         # TOML basic strings share JSON's escapes for everything json.dumps emits.
-        return json.dumps(value, ensure_ascii=False)
+        # ...except DEL, which TOML forbids unescaped and JSON leaves as it is.
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(value, list | tuple):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     raise TypeError(f"cannot render {value!r} as TOML")
@@ -123,4 +124,6 @@ def render_config(cfg: GatewayConfig) -> str:
 
 def render_example() -> str:
     """The full default configuration (what systemd/gateway.example.toml holds)."""
-    return render_config(GatewayConfig())
+    # model_construct: the defaults only. GatewayConfig() would read EDGE_GATEWAY_* from the
+    # environment (and fail on an uplink override that has no `type`).
+    return render_config(GatewayConfig.model_construct())

@@ -147,7 +147,7 @@ class MqttUplink:
         while not self._stop_requested.is_set():
             retrying = AsyncRetrying(
                 wait=wait_exponential_jitter(
-                    initial=self._cfg.reconnect_min_s,
+                    multiplier=self._cfg.reconnect_min_s,
                     max=self._cfg.reconnect_max_s,
                     jitter=self._cfg.reconnect_min_s,
                 ),
@@ -282,6 +282,11 @@ class MqttUplink:
             errors = [e for e in leaves if isinstance(e, aiomqtt.MqttError)]
             if not errors or len(errors) != len(leaves):
                 raise
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # A task group that was cancelled while a child failed reports only the child's
+                # error; turning that into a retry would swallow the cancellation for good.
+                raise asyncio.CancelledError from exc
             for error in errors:
                 if _is_terminal(error):
                     self._state = "refused"

@@ -726,11 +726,13 @@ class Recorder:
             self.connected.set()
             self._bump()
             async for message in client.messages:
+                # paho always delivers bytes; aiomqtt's type is wider (it is shared with publish).
                 payload = message.payload
+                assert isinstance(payload, bytes), type(payload)
                 self.messages.append(
                     Received(
                         topic=message.topic.value,
-                        payload=payload if isinstance(payload, bytes) else str(payload).encode(),
+                        payload=payload,
                         retain=bool(message.retain),
                         qos=message.qos,
                     )
@@ -742,8 +744,14 @@ class Recorder:
         if task is None:
             return None
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
+        try:
             await task
+        except asyncio.CancelledError:
+            # Swallow only the cancellation we asked for; if our caller is being cancelled too,
+            # that must propagate.
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise
         self.connected.clear()
         if task.cancelled():
             return None
