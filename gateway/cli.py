@@ -112,7 +112,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         code = _run_gateway(cfg, stop_when_sources_done=True)
-        print(f"edge-gateway demo: done (exit {code}); outbox in {state_dir}", file=sys.stderr)
+        kept = f"; outbox kept in {state_dir}" if args.state_dir else ""
+        print(f"edge-gateway demo: done (exit {code}){kept}", file=sys.stderr)
         return code
 
 

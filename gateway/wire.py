@@ -95,8 +95,9 @@ def encode(event: Event, encoding: Encoding) -> bytes:
     """Serialise one event."""
     wire = to_wire(event)
     if encoding is Encoding.CBOR:
-        # datetime_as_timestamp: tag 1 (epoch seconds) is 9 bytes against ~30 for the ISO string.
-        encoded: bytes = cbor2.dumps(wire, datetime_as_timestamp=True)
+        # datetime_as_timestamp: tag 1 (epoch seconds) is 9 bytes against ~30 for the ISO string;
+        # canonical: floats in the shortest exact width (712.0 takes 3 bytes, not 9).
+        encoded: bytes = cbor2.dumps(wire, datetime_as_timestamp=True, canonical=True)
         return encoded
     return orjson.dumps(wire, option=orjson.OPT_UTC_Z)
 
