@@ -618,7 +618,7 @@ class Recorder:
         self,
         predicate: Predicate,
         *,
-        timeout: float = 10.0,  # noqa: ASYNC109 - see the class docstring
+        timeout: float = 10.0,
     ) -> list[Received]:
         """Wait until ``predicate(messages)`` holds; TimeoutError says what did arrive."""
         await self._wait_state(lambda: predicate(self.messages), timeout, "predicate")
@@ -628,7 +628,7 @@ class Recorder:
         self,
         count: int,
         *,
-        timeout: float = 10.0,  # noqa: ASYNC109 - see the class docstring
+        timeout: float = 10.0,
     ) -> list[Received]:
         """Wait until at least ``count`` messages were recorded."""
         return await self.wait_for(lambda msgs: len(msgs) >= count, timeout=timeout)
@@ -637,7 +637,7 @@ class Recorder:
         self,
         *,
         connections: int = 1,
-        timeout: float = 10.0,  # noqa: ASYNC109 - see the class docstring
+        timeout: float = 10.0,
     ) -> None:
         """Wait until subscribed for the ``connections``-th time (2 = after one reconnect)."""
         await self._wait_state(
