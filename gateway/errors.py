@@ -34,3 +34,7 @@ class OutboxError(GatewayError):
 
 class SourceError(GatewayError):
     """A source failed in a way its own retry loop did not absorb."""
+
+
+class CodecError(GatewayError, ValueError):
+    """A payload cannot be decoded by its codec (truncated, malformed, unknown port, ...)."""
