@@ -331,3 +331,33 @@ async def test_sd_notify_ready_watchdog_status_stopping_with_broker_down(tmp_pat
         assert await gw.wait_exit() == 0
     statuses = [d for d in seen if d.startswith("STATUS=")]
     assert any("outbox 0 queued" in s for s in statuses)
+
+
+async def test_mqtt5_and_mutual_tls_with_key_from_credentials(tmp_path: Path) -> None:
+    require_mosquitto()
+    with Mosquitto(tmp_path / "broker", tls=True, require_certificate=True) as broker:
+        assert broker.tls_port is not None and broker.ca_file is not None
+        cert = broker.issue_client_cert("gw-test")
+        creds = tmp_path / "creds"
+        creds.mkdir()
+        (creds / "tls-client-key").write_bytes(cert.key_file.read_bytes())
+        write_recording(tmp_path / "rec.jsonl", 10)
+        cfg = mqtt_config(
+            tmp_path / "state",
+            broker.tls_port,
+            sources=[{"type": "replay", "file": str(tmp_path / "rec.jsonl")}],
+            protocol="5",
+            tls={
+                "enabled": True,
+                "ca_file": str(broker.ca_file),
+                "cert_file": str(cert.cert_file),
+                "key_file": "tls-client-key",
+            },
+            allow_insecure=False,
+        )
+        environ = {"CREDENTIALS_DIRECTORY": str(creds)}
+        async with Recorder(broker.host, broker.port, topics=[f"{BASE}/#"]) as rec:
+            gateway = Gateway(config_from_dict(cfg, "test", environ), environ)
+            task = asyncio.create_task(gateway.run())
+            await rec.wait_for(lambda _m: len(_readings(rec)) >= 10)
+            assert await _stop(gateway, task) == 0

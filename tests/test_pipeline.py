@@ -1,0 +1,53 @@
+"""The pipeline with a real outbox: batching, overflow policy, invalid readings, draining."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from pathlib import Path
+
+from gateway.config import OutboxSection, PipelineSection
+from gateway.health import Metrics
+from gateway.outbox import Outbox
+from gateway.pipeline import Pipeline
+from gateway.types import Measurement, Reading
+from gateway.wire import Encoding, decode
+
+
+def _reading(i: int) -> Reading:
+    return Reading("test", "gauge-1", datetime(2024, 1, 1, tzinfo=UTC), (Measurement("n", i),))
+
+
+async def _drain(outbox: Outbox) -> list[int]:
+    values: list[int] = []
+    while rows := await outbox.fetch(1000, timeout_s=0.05):
+        values += [int(decode(r.payload, Encoding.JSON).values[0].value) for r in rows]
+        outbox.ack(r.seq for r in rows)
+    return values
+
+
+async def test_every_reading_becomes_an_event_in_order(tmp_path: Path) -> None:
+    metrics = Metrics()
+    async with Outbox(tmp_path / "o.db", OutboxSection()) as outbox:
+        pipeline = Pipeline(PipelineSection(queue_max=10), outbox, metrics)
+        runner = asyncio.create_task(pipeline.run())
+        for i in range(500):
+            await pipeline.submit(_reading(i))
+        await pipeline.close()
+        await asyncio.wait_for(runner, 10)
+        assert await _drain(outbox) == list(range(500))
+    assert metrics.counters["events_in"] == 500
+
+
+async def test_drop_oldest_keeps_the_newest_and_counts(tmp_path: Path) -> None:
+    metrics = Metrics()
+    async with Outbox(tmp_path / "o.db", OutboxSection()) as outbox:
+        pipeline = Pipeline(PipelineSection(queue_max=5, overflow="drop_oldest"), outbox, metrics)
+        # The consumer is not running yet, so the queue overflows.
+        for i in range(12):
+            await pipeline.submit(_reading(i))
+        assert metrics.counters["readings_dropped_queue_full"] == 7
+        runner = asyncio.create_task(pipeline.run())
+        await pipeline.close()
+        await asyncio.wait_for(runner, 10)
+        assert await _drain(outbox) == list(range(7, 12))
