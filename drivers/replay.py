@@ -8,19 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable
 from datetime import datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from gateway.errors import EventValidationError
-from gateway.types import Measurement, Reading
+from gateway.types import Emit, Measurement, Reading, ReportError
 
 DEMO_RECORDING = "gard-anduze-2020-09.jsonl"
-
-Emit = Callable[[Reading], Awaitable[None]]
-ReportError = Callable[[str, str], None]
 
 
 def parse_line(source: str, line: str) -> Reading:

@@ -23,8 +23,8 @@ from gateway.commands import Commands, ping
 from gateway.config import GatewayConfig, MqttUplinkConfig, ReplaySourceConfig
 from gateway.health import Heartbeats, Metrics, Notifier, RateMeter
 from gateway.outbox import Outbox
-from gateway.pipeline import Pipeline
-from gateway.types import Measurement, Reading
+from gateway.pipeline import OnStored, Pipeline
+from gateway.types import Event, Measurement, Reading
 from gateway.uplink import FileUplink, MqttUplink, Uplink
 from gateway.wire import Encoding
 
@@ -200,8 +200,8 @@ class Gateway:
             self._metrics.inc(f"source_errors_{kind}")
             log.warning("source_error", source=source.name, kind=kind, detail=detail)
 
-        async def emit(reading: Reading) -> None:
-            await pipeline.submit(reading)
+        async def emit(item: Reading | Event, on_stored: OnStored | None = None) -> None:
+            await pipeline.submit(item, on_stored)
 
         await source.impl.run(emit, report_error)
         log.info("source_finished", source=source.name)

@@ -1,9 +1,11 @@
-"""The pipeline: a bounded queue of readings, turned into events and stored in the outbox.
+"""The pipeline: a bounded queue of readings and events, stored in the outbox in groups.
 
-Sources hand readings to :meth:`Pipeline.submit`. One task takes whatever has queued up, turns
-each reading into events and stores them with one ``put_many`` (so a burst costs one commit, not
-one per reading). Later analyzers plug in between; for now every reading becomes one telemetry
-event.
+Sources hand items to :meth:`Pipeline.submit`: a :class:`Reading` (turned into a ``reading``
+event here; analyzers plug in at that point) or an already-made :class:`Event` (a source's health
+events). One task takes whatever has queued up and stores it with one ``put_many``, so a burst
+costs one commit, not one per item. An optional ``on_stored`` callback runs once the item's event
+is committed: the ChirpStack source acknowledges the broker's message only then, so a crash
+between receipt and commit loses nothing.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import structlog
 
@@ -22,8 +25,10 @@ from gateway.types import Event, Reading, Severity
 
 log = structlog.get_logger(__name__)
 
-# Readings taken from the queue per outbox commit.
+# Items taken from the queue per outbox commit.
 _MAX_BATCH = 1000
+
+OnStored = Callable[[], None]
 
 
 def reading_to_event(reading: Reading) -> Event:
@@ -38,6 +43,12 @@ def reading_to_event(reading: Reading) -> Event:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class _Item:
+    payload: Reading | Event
+    on_stored: OnStored | None
+
+
 class Pipeline:
     """Bounded queue → events → outbox, with an explicit overflow policy."""
 
@@ -46,20 +57,23 @@ class Pipeline:
         self._outbox = outbox
         self._metrics = metrics
         # None marks the end of input (see close()).
-        self._queue: asyncio.Queue[Reading | None] = asyncio.Queue(maxsize=cfg.queue_max)
+        self._queue: asyncio.Queue[_Item | None] = asyncio.Queue(maxsize=cfg.queue_max)
         self.heartbeat: Callable[[], None] = lambda: None
 
-    async def submit(self, reading: Reading) -> None:
-        """Hand a reading over; waits (block) or evicts the oldest (drop_oldest) when full."""
-        self._metrics.inc("readings_in")
+    async def submit(self, item: Reading | Event, on_stored: OnStored | None = None) -> None:
+        """Hand an item over; waits (block) or evicts the oldest (drop_oldest) when full.
+
+        An item evicted by drop_oldest never calls its ``on_stored``.
+        """
+        self._metrics.inc("readings_in" if isinstance(item, Reading) else "source_events_in")
         if self._cfg.overflow == "drop_oldest" and self._queue.full():
             with contextlib.suppress(asyncio.QueueEmpty):
                 self._queue.get_nowait()
                 self._metrics.inc("readings_dropped_queue_full")
-        await self._queue.put(reading)
+        await self._queue.put(_Item(item, on_stored))
 
     async def close(self) -> None:
-        """No more readings will come: :meth:`run` returns once everything queued is stored."""
+        """No more items will come: :meth:`run` returns once everything queued is stored."""
         await self._queue.put(None)
 
     def backlog(self) -> int:
@@ -75,28 +89,33 @@ class Pipeline:
             batch = [first]
             while len(batch) < _MAX_BATCH and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
-            readings = [r for r in batch if r is not None]
-            if readings:
-                await self._store(readings)
-            if len(readings) != len(batch):
-                # The end marker is queued after the last reading of the last source.
+            items = [i for i in batch if i is not None]
+            if items:
+                await self._store(items)
+            if len(items) != len(batch):
+                # The end marker is queued after the last item of the last source.
                 return
 
-    async def _store(self, readings: list[Reading]) -> None:
+    async def _store(self, items: list[_Item]) -> None:
         events: list[Event] = []
-        for reading in readings:
+        for item in items:
+            if isinstance(item.payload, Event):
+                events.append(item.payload)
+                continue
             try:
-                events.append(reading_to_event(reading))
+                events.append(reading_to_event(item.payload))
             except EventValidationError as exc:
                 # One bad reading never stops the loop; it is named and counted.
                 self._metrics.inc("readings_invalid")
-                log.warning("reading_invalid", device=reading.device, error=str(exc))
-        if not events:
-            return
-        try:
-            await self._outbox.put_many(events)
-        except OutboxError as exc:
-            self._metrics.inc("events_lost_outbox_error", len(events))
-            log.error("events_not_stored", n=len(events), error=str(exc))
-            return
-        self._metrics.inc("events_in", len(events))
+                log.warning("reading_invalid", device=item.payload.device, error=str(exc))
+        if events:
+            try:
+                await self._outbox.put_many(events)
+            except OutboxError as exc:
+                self._metrics.inc("events_lost_outbox_error", len(events))
+                log.error("events_not_stored", n=len(events), error=str(exc))
+                return
+            self._metrics.inc("events_in", len(events))
+        for item in items:
+            if item.on_stored is not None:
+                item.on_stored()

@@ -10,9 +10,11 @@ from __future__ import annotations
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import IntEnum, StrEnum
+from typing import Protocol
 
 from gateway.errors import EventValidationError
 
@@ -181,3 +183,19 @@ class Event:
 def utc_now() -> datetime:
     """The current time, timezone-aware in UTC."""
     return datetime.now(UTC)
+
+
+class Emit(Protocol):
+    """How a source hands a reading or event to the pipeline.
+
+    ``on_stored`` runs once the item is committed to the outbox (a source acknowledges its own
+    input only then).
+    """
+
+    async def __call__(
+        self, item: Reading | Event, on_stored: Callable[[], None] | None = None
+    ) -> None: ...
+
+
+# report_error(kind, detail): a source's expected, per-item failure; counted and logged.
+ReportError = Callable[[str, str], None]
