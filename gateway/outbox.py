@@ -61,6 +61,7 @@ CREATE INDEX IF NOT EXISTS events_lane_seq ON events (lane, seq);
 # Age eviction scans the head of the telemetry lane; once a second is plenty.
 _AGE_CHECK_INTERVAL_S = 1.0
 _EVICT_CHUNK = 1000
+_ACK_CHUNK = 900
 # A commit group of at least this many rows is written at once, without lingering.
 _LINGER_BELOW_ROWS = 64
 
@@ -186,7 +187,10 @@ class Outbox:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
     def _open(self) -> None:
-        self._path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutboxError(f"cannot create the directory of outbox {self._path}: {exc}") from exc
         try:
             self._db = self._connect()
         except sqlite3.DatabaseError as exc:
@@ -194,7 +198,13 @@ class Outbox:
                 raise OutboxError(f"cannot open outbox {self._path}: {exc}") from exc
             # A corrupt file is kept for inspection, never deleted; the gateway goes on with a
             # fresh outbox rather than refusing to forward anything ever again.
-            aside = self._path.with_name(f"{self._path.name}.corrupt-{int(self._clock())}")
+            stamp = int(self._clock())
+            aside = self._path.with_name(f"{self._path.name}.corrupt-{stamp}")
+            n = 0
+            while aside.exists():
+                # rename() would silently replace an earlier corrupt file from the same second.
+                n += 1
+                aside = self._path.with_name(f"{self._path.name}.corrupt-{stamp}-{n}")
             self._path.rename(aside)
             for suffix in ("-wal", "-shm"):
                 side = self._path.with_name(self._path.name + suffix)
@@ -220,16 +230,17 @@ class Outbox:
         except sqlite3.OperationalError as exc:
             raise OutboxError(f"cannot open outbox {self._path}: {exc}") from exc
         try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute(f"PRAGMA synchronous={self._cfg.synchronous.upper()}")
-            # Keeps the WAL from staying at its high-water mark after a burst.
-            db.execute("PRAGMA journal_size_limit=16777216")
+            # Checked before anything changes the file (journal mode included).
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise OutboxError(
                     f"outbox {self._path} has schema {version}, newer than this gateway's "
                     f"{SCHEMA_VERSION}: refusing to touch it"
                 )
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(f"PRAGMA synchronous={self._cfg.synchronous.upper()}")
+            # Keeps the WAL from staying at its high-water mark after a burst.
+            db.execute("PRAGMA journal_size_limit=16777216")
             db.executescript(_SCHEMA)
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except BaseException:
@@ -289,17 +300,22 @@ class Outbox:
         while True:
             self._ready.clear()
             cursor = dict(self._cursor)
-            rows = await self._run(functools.partial(self._select, cursor, limit))
-            rows = [r for r in rows if r.seq not in self._acked]
+            selected = await self._run(functools.partial(self._select, cursor, limit))
+            # Acked rows whose delete is not committed yet are stepped over, not waited on:
+            # after a rewind() they can fill a whole page while newer rows are ready behind it.
+            for row in selected:
+                self._cursor[row.lane] = max(self._cursor[row.lane], row.seq)
+            rows = [r for r in selected if r.seq not in self._acked]
             if rows:
-                for row in rows:
-                    self._cursor[row.lane] = max(self._cursor[row.lane], row.seq)
                 return rows
+            if selected:
+                continue
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 return []
             try:
-                await asyncio.wait_for(self._ready.wait(), timeout=remaining)
+                async with asyncio.timeout(remaining):
+                    await self._ready.wait()
             except TimeoutError:
                 return []
 
@@ -343,7 +359,10 @@ class Outbox:
         linger_s = self._cfg.commit_linger_ms / 1000
         while True:
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns the inner result
+                # when it completes in the same loop turn as a cancel, and the cancel is lost.
+                async with asyncio.timeout(1.0):
+                    await self._wake.wait()
             except TimeoutError:
                 self.heartbeat()
                 if not self._pending and not self._pending_acks:
@@ -363,7 +382,8 @@ class Outbox:
                 and (remaining := deadline - time.monotonic()) > 0
             ):
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=remaining)
+                    async with asyncio.timeout(remaining):
+                        await self._wake.wait()
                 self._wake.clear()
             batch = self._take_batch()
             acks, self._pending_acks = self._pending_acks, []
@@ -417,11 +437,13 @@ class Outbox:
         assert db is not None
         db.execute("BEGIN IMMEDIATE")
         try:
-            if acks:
+            # Chunked: some SQLite builds allow only 999 host parameters per statement.
+            for start in range(0, len(acks), _ACK_CHUNK):
+                chunk = acks[start : start + _ACK_CHUNK]
                 for lane_value, size in db.execute(
-                    f"DELETE FROM events WHERE seq IN ({','.join('?' * len(acks))}) "  # noqa: S608 -- only placeholders are interpolated
+                    f"DELETE FROM events WHERE seq IN ({','.join('?' * len(chunk))}) "  # noqa: S608 -- only placeholders are interpolated
                     "RETURNING lane, LENGTH(payload)",
-                    acks,
+                    chunk,
                 ).fetchall():
                     totals = self._totals[Lane(lane_value)]
                     totals.rows -= 1

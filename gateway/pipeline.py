@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -33,7 +34,7 @@ OnStored = Callable[[], None]
 
 def reading_to_event(reading: Reading) -> Event:
     """A reading forwarded as it is: one ``reading`` event with the same values and flags."""
-    return Event(
+    event = Event(
         kind="reading",
         device=reading.device,
         ts=reading.ts,
@@ -41,6 +42,9 @@ def reading_to_event(reading: Reading) -> Event:
         values=reading.values,
         quality=reading.quality,
     )
+    if reading.event_id is not None:
+        event = dataclasses.replace(event, event_id=reading.event_id)
+    return event
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +87,10 @@ class Pipeline:
         while True:
             self.heartbeat()
             try:
-                first = await asyncio.wait_for(self._queue.get(), timeout=1.0)
+                # asyncio.timeout rather than wait_for: 3.11's wait_for can lose a cancellation
+                # that arrives in the same loop turn as the result.
+                async with asyncio.timeout(1.0):
+                    first = await self._queue.get()
             except TimeoutError:
                 continue
             batch = [first]

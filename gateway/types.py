@@ -7,6 +7,8 @@ image, which is how "images never leave the analyzer" is enforced by the type, n
 
 from __future__ import annotations
 
+import hashlib
+import math
 import os
 import re
 import time
@@ -24,8 +26,12 @@ SCHEMA_VERSION = 1
 MAX_TEXT = 256
 MAX_VALUES = 64
 MAX_QUALITY_FLAGS = 16
+# What every JSON and CBOR peer holds without bignums: int64 .. uint64.
+MIN_INT = -(2**63)
+MAX_INT = 2**64 - 1
 
-_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+# Used with fullmatch: "$" would also match before a trailing newline.
+_NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
 Scalar = float | int | bool | str
@@ -54,7 +60,11 @@ def new_event_id(now_ms: int | None = None) -> str:
     never collide.
     """
     ms = int(time.time() * 1000) if now_ms is None else now_ms
-    value = (ms << 80) | int.from_bytes(os.urandom(10), "big")
+    return _ulid(ms, os.urandom(10))
+
+
+def _ulid(ms: int, tail: bytes) -> str:
+    value = ((ms & ((1 << 48) - 1)) << 80) | int.from_bytes(tail[:10], "big")
     chars = []
     for _ in range(26):
         chars.append(_CROCKFORD[value & 31])
@@ -62,25 +72,51 @@ def new_event_id(now_ms: int | None = None) -> str:
     return "".join(reversed(chars))
 
 
+def _show(value: object) -> str:
+    """A short repr for messages (repr() of a huge int raises ValueError of its own)."""
+    if isinstance(value, int) and value.bit_length() > 64:
+        return f"<int of {value.bit_length()} bits>"
+    return repr(value)[:80]
+
+
 def _check_text(what: str, value: str) -> None:
     if not isinstance(value, str):
         raise EventValidationError(f"{what} must be a string (got: {type(value).__name__})")
     if len(value) > MAX_TEXT:
-        raise EventValidationError(
-            f"{what} is longer than {MAX_TEXT} characters (got: {len(value)})"
-        )
+        raise EventValidationError(f"{what} is longer than {MAX_TEXT} bytes (got: {len(value)})")
+    if not value.isascii():
+        try:
+            size = len(value.encode("utf-8"))
+        except UnicodeEncodeError as exc:
+            # Lone surrogates (e.g. from surrogateescape) have no UTF-8 form on the wire.
+            raise EventValidationError(f"{what} is not valid Unicode text") from exc
+        # The limit is in bytes: four-byte characters must not quadruple what an event holds.
+        if size > MAX_TEXT:
+            raise EventValidationError(f"{what} is longer than {MAX_TEXT} bytes (got: {size})")
+
+
+def _check_number(what: str, value: int | float) -> None:
+    if isinstance(value, bool):
+        return
+    if isinstance(value, int):
+        if not MIN_INT <= value <= MAX_INT:
+            # orjson refuses wider ints (TypeError at encode); CBOR would carry any size.
+            raise EventValidationError(f"{what} must fit in 64 bits (got: {_show(value)})")
+    elif not math.isfinite(value):
+        # JSON has no NaN or Infinity: orjson writes null, which no receiver can decode.
+        raise EventValidationError(f"{what} must be finite (got: {value!r})")
 
 
 def _check_name(what: str, value: str) -> None:
-    if not isinstance(value, str) or not _NAME_RE.match(value):
+    if not isinstance(value, str) or not _NAME_RE.fullmatch(value):
         raise EventValidationError(
-            f"{what} must be lower_snake_case, at most 64 characters (got: {value!r:.80})"
+            f"{what} must be lower_snake_case, at most 64 characters (got: {_show(value)})"
         )
 
 
 def _check_ts(ts: datetime) -> None:
     if not isinstance(ts, datetime) or ts.tzinfo is None or ts.utcoffset() is None:
-        raise EventValidationError(f"timestamp must be timezone-aware (got: {ts!r:.80})")
+        raise EventValidationError(f"timestamp must be timezone-aware (got: {_show(ts)})")
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +131,9 @@ class Measurement:
         _check_name("measurement name", self.name)
         if isinstance(self.value, str):
             _check_text(f"value of {self.name}", self.value)
-        elif not isinstance(self.value, bool | int | float):
+        elif isinstance(self.value, bool | int | float):
+            _check_number(f"value of {self.name}", self.value)
+        else:
             raise EventValidationError(
                 f"value of {self.name} must be a number, bool or short string "
                 f"(got: {type(self.value).__name__})"
@@ -117,10 +155,14 @@ class Provenance:
     def __post_init__(self) -> None:
         for what, text in (("model id", self.model_id), ("model version", self.version)):
             _check_text(what, text)
-        if not re.fullmatch(r"[0-9a-f]{64}", self.sha256):
+        if not isinstance(self.sha256, str) or not re.fullmatch(r"[0-9a-f]{64}", self.sha256):
             raise EventValidationError(
-                f"model sha256 must be 64 hex digits (got: {self.sha256!r:.80})"
+                f"model sha256 must be 64 hex digits (got: {_show(self.sha256)})"
             )
+        for what, number in (("model score", self.score), ("model threshold", self.threshold)):
+            if isinstance(number, bool) or not isinstance(number, int | float):
+                raise EventValidationError(f"{what} must be a number (got: {_show(number)})")
+            _check_number(what, number)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +174,8 @@ class Reading:
     ts: datetime
     values: tuple[Measurement, ...]
     quality: tuple[str, ...] = ()
+    # Set by sources whose input has its own identity (see stable_event_id); else a new id.
+    event_id: str | None = None
 
     def __post_init__(self) -> None:
         _check_text("source", self.source)
@@ -158,13 +202,17 @@ class Event:
         _check_text("device", self.device)
         _check_text("event id", self.event_id)
         _check_ts(self.ts)
+        if type(self.schema) is not int or not 1 <= self.schema <= SCHEMA_VERSION:
+            raise EventValidationError(
+                f"schema must be a version from 1 to {SCHEMA_VERSION} (got: {_show(self.schema)})"
+            )
         if not isinstance(self.severity, Severity):
-            raise EventValidationError(f"severity must be a Severity (got: {self.severity!r:.80})")
+            raise EventValidationError(f"severity must be a Severity (got: {_show(self.severity)})")
         if len(self.values) > MAX_VALUES:
             raise EventValidationError(f"an event carries at most {MAX_VALUES} values")
         for value in self.values:
             if not isinstance(value, Measurement):
-                raise EventValidationError(f"values must be Measurements (got: {value!r:.80})")
+                raise EventValidationError(f"values must be Measurements (got: {_show(value)})")
         if len(self.quality) > MAX_QUALITY_FLAGS:
             raise EventValidationError(
                 f"an event carries at most {MAX_QUALITY_FLAGS} quality flags"
@@ -199,3 +247,13 @@ class Emit(Protocol):
 
 # report_error(kind, detail): a source's expected, per-item failure; counted and logged.
 ReportError = Callable[[str, str], None]
+
+
+def stable_event_id(key: str, ts: datetime) -> str:
+    """A deterministic event id for an event derived from an upstream message.
+
+    The same upstream message (e.g. a ChirpStack ``deduplicationId``) always yields the same id,
+    so a message redelivered after a restart becomes a duplicate a receiver can drop, not a new
+    event. Same shape as :func:`new_event_id`: time part from ``ts``, the rest from a hash.
+    """
+    return _ulid(int(ts.timestamp() * 1000), hashlib.sha256(key.encode()).digest())

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import ssl
 import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -24,7 +23,8 @@ from paho.mqtt.properties import Properties
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
 
 from gateway.commands import Commands
-from gateway.config import FileUplinkConfig, MqttUplinkConfig, credential_path
+from gateway.config import FileUplinkConfig, MqttUplinkConfig
+from gateway.credentials import read_password, tls_context
 from gateway.errors import TerminalUplinkError
 from gateway.health import Metrics
 from gateway.outbox import Outbox, OutboxRow
@@ -174,9 +174,8 @@ class MqttUplink:
         while (remaining := deadline - time.monotonic()) > 0:
             self.heartbeat()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    self._stop_requested.wait(), timeout=min(remaining, _HEARTBEAT_S)
-                )
+                async with asyncio.timeout(min(remaining, _HEARTBEAT_S)):
+                    await self._stop_requested.wait()
             if self._stop_requested.is_set():
                 return
 
@@ -193,34 +192,6 @@ class MqttUplink:
             error=str(error.__cause__ or error) if error else None,
             outbox_depth=self._outbox.depth(),
         )
-
-    def _tls_context(self) -> ssl.SSLContext | None:
-        tls = self._cfg.tls
-        if not tls.enabled:
-            return None
-        try:
-            context = ssl.create_default_context(
-                cafile=str(tls.ca_file) if tls.ca_file is not None else None
-            )
-            if tls.cert_file is not None and tls.key_file is not None:
-                context.load_cert_chain(
-                    str(tls.cert_file), str(credential_path(tls.key_file, self._environ))
-                )
-        except (OSError, ssl.SSLError) as exc:
-            raise TerminalUplinkError(f"uplink.tls: cannot load certificates: {exc}") from exc
-        return context
-
-    def _password(self) -> str | None:
-        if self._cfg.password_file is None:
-            return None
-        path = credential_path(self._cfg.password_file, self._environ)
-        try:
-            # Read at every connect so a rotated credential is picked up without a restart.
-            return path.read_text("utf-8").rstrip("\r\n")
-        except OSError as exc:
-            raise TerminalUplinkError(
-                f"uplink.password_file: cannot read {path}: {exc.strerror}"
-            ) from exc
 
     def _publish_properties(self) -> Properties | None:
         if self._cfg.protocol != "5":
@@ -240,7 +211,7 @@ class MqttUplink:
             self._cfg.port,
             identifier=self._client_id,
             username=self._cfg.username,
-            password=self._password(),
+            password=read_password("uplink.password_file", self._cfg.password_file, self._environ),
             protocol=protocol,
             # The platform learns of a dead gateway from the broker, not from silence.
             will=aiomqtt.Will(self._topics.conn, b"offline", qos=1, retain=True),
@@ -249,7 +220,7 @@ class MqttUplink:
             clean_session=True if protocol is aiomqtt.ProtocolVersion.V311 else None,
             keepalive=self._cfg.keepalive_s,
             timeout=self._cfg.connect_timeout_s,
-            tls_context=self._tls_context(),
+            tls_context=tls_context("uplink.tls", self._cfg.tls, self._environ),
             max_inflight_messages=self._cfg.max_inflight,
         )
         # aiomqtt warns on every publish beyond 10 outstanding; max_inflight is by design here.
@@ -405,7 +376,8 @@ class MqttUplink:
             await self._publish_stats(client)
             self._stats_now.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stats_now.wait(), timeout=self._cfg.stats_interval_s)
+                async with asyncio.timeout(self._cfg.stats_interval_s):
+                    await self._stats_now.wait()
 
     async def _publish_stats(self, client: aiomqtt.Client) -> None:
         self.heartbeat()

@@ -37,7 +37,8 @@ def to_wire(event: Event) -> dict[str, Any]:
     out: dict[str, Any] = {
         "v": event.schema,
         "id": event.event_id,
-        "ts": event.ts,
+        # Always UTC on the wire, whatever zone the source used.
+        "ts": event.ts.astimezone(UTC),
         "kind": event.kind,
         "dev": event.device,
         "sev": event.severity.value,
@@ -72,22 +73,27 @@ def from_wire(data: dict[str, Any]) -> Event:
         elif isinstance(ts, int | float):
             ts = datetime.fromtimestamp(ts, UTC)
         model = data.get("model")
+        vals = data.get("vals", [])
+        flags = data.get("q", [])
+        if not isinstance(vals, list) or not isinstance(flags, list):
+            raise EventValidationError("vals and q must be arrays")
         return Event(
             kind=data["kind"],
             device=data["dev"],
             ts=ts,
             severity=Severity(data["sev"]),
-            values=tuple(Measurement(m["n"], m["v"], m.get("u")) for m in data.get("vals", ())),
+            values=tuple(Measurement(m["n"], m["v"], m.get("u")) for m in vals),
             model=None
             if model is None
             else Provenance(
                 model["id"], model["ver"], model["sha256"], model["score"], model["thr"]
             ),
-            quality=tuple(data.get("q", ())),
+            quality=tuple(flags),
             event_id=data["id"],
             schema=data["v"],
         )
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+    # OverflowError/OSError: an epoch number that no datetime can hold (fromtimestamp).
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError, OSError) as exc:
         raise EventValidationError(f"not an event: {exc!r:.200}") from exc
 
 
