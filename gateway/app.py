@@ -10,21 +10,36 @@ accepted is already on disk.
 from __future__ import annotations
 
 import asyncio
+import functools
+import math
 import os
 import signal
 from collections.abc import Mapping
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import structlog
 
+from drivers.chirpstack import BrokerSettings, Catalog, ChirpStackSource, DeviceRule
+from drivers.codecs import get_codec
+from drivers.jscodec import JsCodec
+from drivers.lorawan import Codec, FieldMap, Profile, WaterLevel
 from drivers.replay import ReplaySource
 from gateway import __version__
-from gateway.commands import Commands, ping
-from gateway.config import GatewayConfig, MqttUplinkConfig, ReplaySourceConfig
+from gateway.commands import Commands, downlink_command, ping
+from gateway.config import (
+    ChirpStackSourceConfig,
+    GatewayConfig,
+    MqttUplinkConfig,
+    ProfileConfig,
+    SourceConfig,
+)
+from gateway.credentials import read_password, tls_context
+from gateway.errors import CodecError
 from gateway.health import Heartbeats, Metrics, Notifier, RateMeter
 from gateway.outbox import Outbox
 from gateway.pipeline import OnStored, Pipeline
-from gateway.types import Event, Measurement, Reading
+from gateway.types import Emit, Event, Measurement, Reading, ReportError
 from gateway.uplink import FileUplink, MqttUplink, Uplink
 from gateway.wire import Encoding
 
@@ -35,16 +50,124 @@ EXIT_SOFTWARE = 70
 EXIT_CONFIG = 78
 
 
+class SourceImpl(Protocol):
+    """What every source offers the composition root."""
+
+    name: str
+
+    async def run(self, emit: Emit, report_error: ReportError) -> None: ...
+
+
 class Source:
     """A configured source with the callbacks that connect it to the pipeline."""
 
-    def __init__(self, name: str, impl: ReplaySource) -> None:
+    def __init__(self, name: str, impl: SourceImpl) -> None:
         self.name = name
         self.impl = impl
 
 
-def build_source(cfg: ReplaySourceConfig) -> Source:
+class CaptureReplay:
+    """A ChirpStack source fed from a capture file instead of its broker."""
+
+    def __init__(self, source: ChirpStackSource, path: Path, interval_s: float) -> None:
+        self.name = source.name
+        self._source = source
+        self._path = path
+        self._interval_s = interval_s
+
+    async def run(self, emit: Emit, report_error: ReportError) -> None:
+        lines = (await asyncio.to_thread(self._path.read_text, "utf-8")).splitlines()
+        await self._source.replay(lines, emit, report_error, self._interval_s)
+
+
+def build_profile(name: str, cfg: ProfileConfig) -> Profile:
+    """A device profile with its codec resolved (built-in registry or a JavaScript file)."""
+    codec: Codec | None = None
+    if cfg.codec.startswith("js:"):
+        path = Path(cfg.codec[3:])
+        js = JsCodec(path.read_text("utf-8"), str(path))
+
+        def run_js(fport: int, payload: bytes) -> dict[str, Any]:
+            result = js.decode_uplink(fport, payload)
+            data = result.get("data")
+            if not isinstance(data, dict):
+                raise CodecError(f"{path}: decodeUplink returned no data object")
+            return data
+
+        codec = run_js
+    elif cfg.codec:
+        codec = get_codec(cfg.codec)
+    water = cfg.water_level
+    actions = {
+        key: (action.f_port, bytes.fromhex(action.hex), action.confirmed)
+        for key, action in cfg.actions.items()
+    }
+    return Profile(
+        actions=actions,
+        name=name,
+        codec=codec,
+        prefer_object=cfg.prefer_object,
+        fields=tuple(FieldMap(**f.model_dump()) for f in cfg.fields),
+        water_level=None
+        if water is None
+        else WaterLevel(
+            distance=water.distance,
+            mounting_height_param=water.mounting_height_param,
+            sensor_min_cm=water.sensor_min_cm,
+            sensor_max_cm=math.inf if water.sensor_max_cm is None else water.sensor_max_cm,
+        ),
+    )
+
+
+def build_catalog(cfg: GatewayConfig) -> Catalog:
+    """The device catalog: [[devices]] rules pointing at [profiles]."""
+    profiles = {name: build_profile(name, p) for name, p in cfg.profiles.items()}
+    rules = []
+    for device in cfg.devices:
+        tag = tuple(device.tag.split("=", 1)) if device.tag else None
+        rules.append(
+            DeviceRule(
+                profile=profiles[device.profile],
+                dev_eui=device.dev_eui.lower() if device.dev_eui else None,
+                device_profile=device.device_profile,
+                tag=(tag[0], tag[1]) if tag else None,
+                params=dict(device.params),
+                expected_interval_s=device.expected_interval_s,
+            )
+        )
+    return Catalog(rules)
+
+
+def build_source(
+    cfg: SourceConfig, gateway_id: str, catalog: Catalog, environ: Mapping[str, str]
+) -> Source:
     """Explicit registry: one branch per source type, no import-time discovery."""
+    if isinstance(cfg, ChirpStackSourceConfig):
+        key = f"sources.{cfg.name}"
+        broker = BrokerSettings(
+            host=cfg.host,
+            port=cfg.port,
+            client_id=cfg.client_id or f"edge-gateway-{gateway_id}-{cfg.name}",
+            topic=cfg.topic,
+            marshaler=cfg.marshaler,
+            username=cfg.username,
+            password=functools.partial(
+                read_password, f"{key}.password_file", cfg.password_file, environ
+            ),
+            tls_context=functools.partial(tls_context, f"{key}.tls", cfg.tls, environ),
+            reconnect_min_s=cfg.reconnect_min_s,
+            reconnect_max_s=cfg.reconnect_max_s,
+        )
+        source = ChirpStackSource(
+            cfg.name,
+            broker,
+            catalog,
+            dedup_window_s=cfg.dedup_window_s,
+            downlink_daily_cap=cfg.downlink_daily_cap,
+        )
+        if cfg.replay_file is not None:
+            return Source(cfg.name, CaptureReplay(source, cfg.replay_file, cfg.replay_interval_s))
+        return Source(cfg.name, source)
     return Source(cfg.name, ReplaySource(cfg.name, cfg.file, cfg.interval_s, loop=cfg.loop))
 
 
@@ -61,10 +184,15 @@ class Gateway:
         self._stop = asyncio.Event()
         self._signals = 0
         self._rates = RateMeter(self._metrics, ("events_in", "events_out"))
+        self._sources: list[Source] = []
 
     @property
     def metrics(self) -> Metrics:
         return self._metrics
+
+    def source(self, name: str) -> SourceImpl:
+        """A running source by name (for tests and diagnostics)."""
+        return next(s.impl for s in self._sources if s.name == name)
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -102,7 +230,13 @@ class Gateway:
             commands = Commands(self._gateway_id, {"ping": ping})
             uplink = self._build_uplink(outbox, commands)
             uplink.heartbeat = self._heartbeats.register("uplink")
-            sources = [build_source(s) for s in cfg.sources]
+            catalog = build_catalog(cfg)
+            sources = [
+                build_source(s, self._gateway_id, catalog, self._environ) for s in cfg.sources
+            ]
+            self._sources = sources
+            senders = [s.impl for s in sources if isinstance(s.impl, ChirpStackSource)]
+            commands.register("downlink", downlink_command(senders))
 
             async with asyncio.TaskGroup() as tg:
                 uplink_task = tg.create_task(uplink.run(), name="uplink")

@@ -1,4 +1,4 @@
-"""Command line: ``edge-gateway run | check-config | print-config | demo | version``."""
+"""Command line: ``edge-gateway run | check-config | print-config | demo | codec | version``."""
 
 from __future__ import annotations
 
@@ -8,12 +8,14 @@ import os
 import sys
 import tempfile
 from collections.abc import Sequence
+from importlib import resources
 from pathlib import Path
 
 import structlog
 
 from gateway import __version__
 from gateway.app import EXIT_CONFIG, EXIT_OK, EXIT_SOFTWARE, Gateway
+from gateway.codec_cli import add_codec_parser
 from gateway.config import DEFAULT_CONFIG_PATH, GatewayConfig, config_from_dict, load_config
 from gateway.errors import ConfigError, GatewayError, TerminalUplinkError
 from gateway.logs import configure_logging
@@ -89,12 +91,56 @@ def cmd_print_config(args: argparse.Namespace) -> int:
 
 
 def demo_config(state_dir: Path, interval_s: float) -> GatewayConfig:
-    """The embedded default: the bundled river recording → pipeline → outbox → stdout."""
+    """The embedded default: bundled recordings → pipeline → outbox → stdout.
+
+    A river gauge's readings replayed as they are, and a ChirpStack capture (a radar gauge and a
+    climate sensor) decoded by the built-in codecs through the device catalog.
+    """
+    capture = resources.files("gateway.demo").joinpath("chirpstack-demo.jsonl")
     return config_from_dict(
         {
             "gateway": {"id": "demo", "state_dir": str(state_dir), "log_level": "warning"},
             "uplink": {"type": "file", "path": "-", "fsync": False},
-            "sources": [{"type": "replay", "name": "gard-anduze", "interval_s": interval_s}],
+            "sources": [
+                {"type": "replay", "name": "gard-anduze", "interval_s": interval_s},
+                {
+                    "type": "chirpstack",
+                    "name": "lorawan",
+                    "replay_file": str(capture),
+                    "replay_interval_s": interval_s,
+                },
+            ],
+            "profiles": {
+                "radar-gauge": {
+                    "codec": "dragino-lmds200",
+                    "fields": [
+                        {"field": "dis1", "name": "distance", "unit": "cm"},
+                        {"field": "Bat", "name": "battery", "unit": "V", "valid_min": 3.1},
+                    ],
+                    "water_level": {
+                        "distance": "distance",
+                        "sensor_min_cm": 30,
+                        "sensor_max_cm": 2000,
+                    },
+                },
+                "climate": {
+                    "codec": "dragino-lht65",
+                    "fields": [
+                        {"field": "TempC_SHT", "name": "air_temperature", "unit": "Cel"},
+                        {"field": "Hum_SHT", "name": "relative_humidity", "unit": "%"},
+                        {"field": "BatV", "name": "battery", "unit": "V"},
+                    ],
+                },
+            },
+            "devices": [
+                {
+                    "dev_eui": "a84041000181c071",
+                    "profile": "radar-gauge",
+                    "params": {"mounting_height_cm": 900},
+                    "expected_interval_s": 5400,
+                },
+                {"device_profile": "LHT65", "profile": "climate"},
+            ],
         },
         "embedded demo config",
     )
@@ -147,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--interval", type=float, default=0.01, help="seconds between readings")
     demo.add_argument("--state-dir", type=Path, default=None, help="keep the outbox here")
     demo.set_defaults(func=cmd_demo)
+
+    add_codec_parser(sub)
 
     version = sub.add_parser("version", help="print the version")
     version.set_defaults(func=cmd_version)

@@ -6,8 +6,9 @@ or malformed command, a ``command_error`` event. A bad command never raises out 
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+import re
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, Protocol
 
 import structlog
 
@@ -94,3 +95,70 @@ class Commands:
 async def ping(_args: Mapping[str, Any]) -> tuple[Measurement, ...]:
     """Answers ``pong``: proves the command path and the outbox round trip."""
     return (Measurement("reply", "pong"),)
+
+
+class DownlinkSender(Protocol):
+    """A source that can queue LoRaWAN downlinks (the ChirpStack source)."""
+
+    def knows(self, dev_eui: str) -> bool: ...
+
+    def action(self, dev_eui: str, name: str) -> tuple[int, bytes, bool]: ...
+
+    async def send_downlink(
+        self, dev_eui: str, f_port: int, payload: bytes, *, confirmed: bool = False
+    ) -> str: ...
+
+
+_DEV_EUI = re.compile(r"[0-9a-fA-F]{16}")
+
+
+def downlink_command(senders: Sequence[DownlinkSender]) -> Handler:
+    """The ``downlink`` command.
+
+    Arguments: ``device`` (devEUI), and either ``action`` (a named downlink of the device's
+    profile) or ``f_port`` (1-223) with ``hex`` (the payload); optional ``confirmed``. Answers
+    ``status = queued`` with the ``downlink_id`` that later ``downlink_ack``/``downlink_txack``
+    events carry; a rejected request is a ``command_error`` with the reason.
+    """
+
+    async def handle(args: Mapping[str, Any]) -> tuple[Measurement, ...]:
+        device = args.get("device")
+        if not isinstance(device, str) or not _DEV_EUI.fullmatch(device):
+            raise CommandError("device must be a devEUI of 16 hex digits")
+        device = device.lower()
+        sender = next((s for s in senders if s.knows(device)), None)
+        if sender is None:
+            raise CommandError(f"device {device} has not been heard by any ChirpStack source")
+        try:
+            if "action" in args:
+                f_port, payload, confirmed = sender.action(device, str(args["action"]))
+            else:
+                f_port, payload, confirmed = _explicit(args)
+            downlink_id = await sender.send_downlink(device, f_port, payload, confirmed=confirmed)
+        except ValueError as exc:
+            raise CommandError(str(exc)) from exc
+        return (
+            Measurement("status", "queued"),
+            Measurement("device", device),
+            Measurement("f_port", f_port),
+            Measurement("downlink_id", downlink_id),
+        )
+
+    return handle
+
+
+def _explicit(args: Mapping[str, Any]) -> tuple[int, bytes, bool]:
+    f_port = args.get("f_port")
+    if isinstance(f_port, bool) or not isinstance(f_port, int):
+        raise CommandError("f_port must be an integer 1..223 (or give an action)")
+    raw = args.get("hex")
+    if not isinstance(raw, str):
+        raise CommandError("hex must be the payload as a hex string (or give an action)")
+    try:
+        payload = bytes.fromhex(raw)
+    except ValueError as exc:
+        raise CommandError(f"hex is not hexadecimal: {exc}") from exc
+    confirmed = args.get("confirmed", False)
+    if not isinstance(confirmed, bool):
+        raise CommandError("confirmed must be true or false")
+    return f_port, payload, confirmed

@@ -226,7 +226,139 @@ class ReplaySourceConfig(_Section):
     loop: bool = Field(False, description="Start again at the end.")
 
 
-SourceConfig = Annotated[ReplaySourceConfig, Field(discriminator="type")]
+_DEV_EUI = re.compile(r"^[0-9a-fA-F]{16}$")
+_MEASUREMENT_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+_LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1"}
+
+
+class ChirpStackSourceConfig(_Section):
+    """LoRaWAN devices through a local ChirpStack v4 (its MQTT application integration)."""
+
+    type: Literal["chirpstack"]
+    name: str = Field("chirpstack", min_length=1, max_length=64)
+    host: str = Field("127.0.0.1", min_length=1, description="The broker ChirpStack publishes to.")
+    port: int = Field(1883, ge=1, le=65535)
+    client_id: str = Field(
+        "", description="Empty means edge-gateway-<gateway id>-<name>; keep it stable (session)."
+    )
+    topic: str = Field("application/+/device/+/event/+")
+    marshaler: Literal["auto", "json", "protobuf"] = Field(
+        "auto", description="ChirpStack's integration marshaler; auto tells them apart."
+    )
+    username: str | None = None
+    password_file: Path | None = Field(
+        None, description="A relative name is looked up in $CREDENTIALS_DIRECTORY."
+    )
+    tls: TlsSection = TlsSection(enabled=False)
+    allow_insecure: bool = Field(
+        False, description="Plaintext to a broker that is not on this machine needs this."
+    )
+    dedup_window_s: float = Field(
+        600.0, gt=0, description="A frame seen again within this window is a duplicate."
+    )
+    replay_file: Path | None = Field(
+        None,
+        description="Instead of the broker, replay a capture of JSON lines {topic, payload} "
+        "(demo, desk tests of the device catalog).",
+    )
+    replay_interval_s: float = Field(0.0, ge=0)
+    downlink_daily_cap: int = Field(
+        24, ge=0, description="Downlinks per device and UTC day (duty cycle is shared airtime)."
+    )
+    reconnect_min_s: float = Field(1.0, gt=0)
+    reconnect_max_s: float = Field(30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _plaintext_is_local_or_explicit(self) -> ChirpStackSourceConfig:
+        if not self.tls.enabled and not self.allow_insecure and self.host not in _LOOPBACK_HOSTS:
+            raise FieldCheckError(
+                "allow_insecure",
+                self.allow_insecure,
+                f"plaintext MQTT to {self.host} (not this machine): enable tls or set "
+                "allow_insecure = true",
+            )
+        if self.password_file is not None and self.username is None:
+            raise FieldCheckError("username", None, "password_file needs a username")
+        return self
+
+
+SourceConfig = Annotated[ReplaySourceConfig | ChirpStackSourceConfig, Field(discriminator="type")]
+
+
+class FieldMapConfig(_Section):
+    """One decoded field → one measurement (value x scale + offset)."""
+
+    field: str = Field(min_length=1, description="Dotted path in the decoder output.")
+    name: str = Field(description="Measurement name, lower_snake_case.")
+    unit: str | None = Field(None, description="UCUM unit code, e.g. cm, Cel, %, V.")
+    scale: float = 1.0
+    offset: float = 0.0
+    valid_min: float | None = None
+    valid_max: float | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _snake(cls, value: str) -> str:
+        if not _MEASUREMENT_NAME.match(value):
+            raise ValueError("must be lower_snake_case (a-z, 0-9, _), at most 64 characters")
+        return value
+
+
+class WaterLevelConfig(_Section):
+    """Distance sensor over water: water_level = params[mounting_height_param] - distance (cm)."""
+
+    distance: str = Field(description="The measurement (in cm) that holds the distance.")
+    mounting_height_param: str = "mounting_height_cm"
+    sensor_min_cm: float = Field(0.0, ge=0, description="Below this the sensor is blind.")
+    sensor_max_cm: float | None = Field(None, gt=0, description="The sensor's range.")
+
+
+class DownlinkActionConfig(_Section):
+    """A named downlink of a profile (e.g. set the measuring interval)."""
+
+    f_port: int = Field(ge=1, le=223)
+    hex: str = Field(min_length=2, max_length=484, pattern=r"^([0-9a-fA-F]{2})+$")
+    confirmed: bool = False
+
+
+class ProfileConfig(_Section):
+    """How a device model's payload becomes measurements."""
+
+    codec: str = Field(
+        "",
+        description="A built-in codec name, js:PATH for a TTN/ChirpStack JavaScript decoder, "
+        "or empty to use the object ChirpStack decoded.",
+    )
+    prefer_object: bool = Field(False, description="Use ChirpStack's object when it has one.")
+    fields: list[FieldMapConfig] = Field(min_length=1)
+    water_level: WaterLevelConfig | None = None
+    actions: dict[str, DownlinkActionConfig] = Field(default_factory=dict)
+
+
+class DeviceConfig(_Section):
+    """Catalog entry: devices matched by devEUI, ChirpStack device-profile name or tag."""
+
+    dev_eui: str | None = None
+    device_profile: str | None = None
+    tag: str | None = Field(None, description="key=value of a ChirpStack device tag.")
+    profile: str = Field(description="A key of [profiles].")
+    params: dict[str, float] = Field(default_factory=dict)
+    expected_interval_s: float | None = Field(
+        None, gt=0, description="Uplink period; silent after 2.5x this (empty: learned)."
+    )
+
+    @model_validator(mode="after")
+    def _one_selector(self) -> DeviceConfig:
+        chosen = [x for x in (self.dev_eui, self.device_profile, self.tag) if x is not None]
+        if len(chosen) != 1:
+            raise FieldCheckError(
+                "dev_eui", self.dev_eui, "give exactly one of dev_eui, device_profile, tag"
+            )
+        if self.dev_eui is not None and not _DEV_EUI.match(self.dev_eui):
+            raise FieldCheckError("dev_eui", self.dev_eui, "must be 16 hex digits")
+        if self.tag is not None and "=" not in self.tag:
+            raise FieldCheckError("tag", self.tag, "must be key=value")
+        return self
 
 
 class GatewayConfig(BaseSettings):
@@ -244,6 +376,18 @@ class GatewayConfig(BaseSettings):
     outbox: OutboxSection = OutboxSection()
     uplink: UplinkConfig = MqttUplinkConfig()
     sources: list[SourceConfig] = Field(default_factory=list)
+    profiles: dict[str, ProfileConfig] = Field(default_factory=dict)
+    devices: list[DeviceConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _devices_name_profiles(self) -> GatewayConfig:
+        for device in self.devices:
+            if device.profile not in self.profiles:
+                known = ", ".join(sorted(self.profiles)) or "none defined"
+                raise ValueError(
+                    f"device profile {device.profile!r} is not in [profiles] ({known})"
+                )
+        return self
 
     @classmethod
     def settings_customise_sources(
@@ -281,7 +425,7 @@ def _format_value(value: Any) -> str:
 # user never wrote that level. The tags, by the location shape that precedes them ("[]": an index).
 _TAGS_AFTER: dict[tuple[str, ...], frozenset[str]] = {
     ("uplink",): frozenset({"mqtt", "file"}),
-    ("sources", "[]"): frozenset({"replay"}),
+    ("sources", "[]"): frozenset({"replay", "chirpstack"}),
 }
 
 
@@ -317,7 +461,8 @@ def format_validation_error(exc: ValidationError) -> list[str]:
             message = f"unknown type; expected one of {ctx.get('expected_tags')}"
         elif isinstance(ctx.get("error"), FieldCheckError):
             blamed = ctx["error"]
-            path, got, show_got = f"{path}.{blamed.field}", blamed.value, True
+            path = blamed.field if path == "(top level)" else f"{path}.{blamed.field}"
+            got, show_got = blamed.value, True
             message = str(blamed)
         else:
             message = err["msg"].removeprefix("Value error, ")
@@ -345,17 +490,26 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(str(path), [f"toml: syntax error: {exc}"]) from exc
 
 
-def _check_files(cfg: GatewayConfig, environ: dict[str, str] | None) -> list[str]:
+def _check_files(cfg: GatewayConfig, environ: Mapping[str, str] | None) -> list[str]:
+    """Files the config names must exist and be readable (credentials via systemd's dir)."""
+    candidates: list[tuple[str, Path | None]] = []
+
+    def mqtt_files(prefix: str, section: MqttUplinkConfig | ChirpStackSourceConfig) -> None:
+        candidates.extend(
+            [
+                (f"{prefix}.password_file", section.password_file),
+                (f"{prefix}.tls.ca_file", section.tls.ca_file),
+                (f"{prefix}.tls.cert_file", section.tls.cert_file),
+                (f"{prefix}.tls.key_file", section.tls.key_file),
+            ]
+        )
+
+    if isinstance(cfg.uplink, MqttUplinkConfig):
+        mqtt_files("uplink", cfg.uplink)
+    for index, source in enumerate(cfg.sources):
+        if isinstance(source, ChirpStackSourceConfig):
+            mqtt_files(f"sources[{index}]", source)
     problems: list[str] = []
-    uplink = cfg.uplink
-    if not isinstance(uplink, MqttUplinkConfig):
-        return problems
-    candidates: list[tuple[str, Path | None]] = [
-        ("uplink.password_file", uplink.password_file),
-        ("uplink.tls.ca_file", uplink.tls.ca_file),
-        ("uplink.tls.cert_file", uplink.tls.cert_file),
-        ("uplink.tls.key_file", uplink.tls.key_file),
-    ]
     for dotted, name in candidates:
         if name is None:
             continue
@@ -365,9 +519,27 @@ def _check_files(cfg: GatewayConfig, environ: dict[str, str] | None) -> list[str
         elif not os.access(resolved, os.R_OK):
             problems.append(f"{dotted}: file not readable by this user (got: {str(resolved)!r})")
     for index, source in enumerate(cfg.sources):
-        if source.file is not None and not source.file.is_file():
-            problems.append(f"sources[{index}].file: file not found (got: {str(source.file)!r})")
+        replay_file = source.file if isinstance(source, ReplaySourceConfig) else source.replay_file
+        if replay_file is not None and not replay_file.is_file():
+            problems.append(f"sources[{index}].file: file not found (got: {str(replay_file)!r})")
+    for profile_name, profile in cfg.profiles.items():
+        problem = _codec_problem(profile.codec)
+        if problem:
+            problems.append(f"profiles.{profile_name}.codec: {problem} (got: {profile.codec!r})")
     return problems
+
+
+def _codec_problem(codec: str) -> str | None:
+    if not codec:
+        return None
+    if codec.startswith("js:"):
+        path = Path(codec[3:])
+        return None if path.is_file() else "JavaScript decoder file not found"
+    from drivers.codecs import CODECS  # noqa: PLC0415 -- the registry is only needed here
+
+    if codec not in CODECS:
+        return f"unknown codec; built-in codecs: {', '.join(sorted(CODECS))}"
+    return None
 
 
 def load_config(path: Path, environ: dict[str, str] | None = None) -> GatewayConfig:

@@ -16,10 +16,15 @@ from pydantic.fields import FieldInfo
 
 from gateway.config import (
     ENV_PREFIX,
+    ChirpStackSourceConfig,
+    DeviceConfig,
+    FieldMapConfig,
     FileUplinkConfig,
     GatewayConfig,
     MqttUplinkConfig,
+    ProfileConfig,
     ReplaySourceConfig,
+    WaterLevelConfig,
 )
 
 # Field names whose values must never be printed, should one ever carry a secret directly.
@@ -50,7 +55,18 @@ def _toml_value(value: Any) -> str:
         return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(value, list | tuple):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        items = ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items())
+        return "{ " + items + " }" if items else "{}"
     raise TypeError(f"cannot render {value!r} as TOML")
+
+
+def _toml_key(key: str) -> str:
+    return (
+        key
+        if key.replace("_", "").replace("-", "").isalnum() and key.isascii()
+        else (_toml_value(key))
+    )
 
 
 def _choices(info: FieldInfo) -> str | None:
@@ -74,10 +90,13 @@ def _render_model(
     doc = (type(model).__doc__ or "").strip().splitlines()
     if doc:
         lines.insert(len(lines) - 1, f"# {doc[0]}")
-    nested: list[tuple[str, BaseModel]] = []
+    nested: list[tuple[str, BaseModel | list[BaseModel]]] = []
     for name, info in type(model).model_fields.items():
         value = getattr(model, name)
-        if isinstance(value, BaseModel):
+        # Tables come after the keys: in TOML, keys after a table header belong to that table.
+        if isinstance(value, BaseModel) or (
+            isinstance(value, list) and value and isinstance(value[0], BaseModel)
+        ):
             nested.append((name, value))
             continue
         comment = info.description or ""
@@ -93,8 +112,11 @@ def _render_model(
         else:
             lines.append(f"{hash_}{name} = {_toml_value(value)}")
     for name, sub in nested:
-        lines.append("")
-        _render_model(sub, f"{table}.{name}", lines, commented=commented)
+        for item in sub if isinstance(sub, list) else [sub]:
+            lines.append("")
+            _render_model(
+                item, f"{table}.{name}", lines, commented=commented, array=isinstance(sub, list)
+            )
 
 
 def render_config(cfg: GatewayConfig) -> str:
@@ -115,11 +137,43 @@ def render_config(cfg: GatewayConfig) -> str:
             lines.append("")
     else:
         lines.append("# Sources: none configured. One [[sources]] table per source, e.g.:")
-        _render_model(
-            ReplaySourceConfig(type="replay"), "sources", lines, commented=True, array=True
-        )
+        for example in (ReplaySourceConfig(type="replay"), _EXAMPLE_CHIRPSTACK):
+            _render_model(example, "sources", lines, commented=True, array=True)
+            lines.append("")
+    if cfg.profiles:
+        for name, profile in cfg.profiles.items():
+            _render_model(profile, f"profiles.{_toml_key(name)}", lines)
+            lines.append("")
+    else:
+        lines.append("# Device profiles: how a device model's payload becomes measurements, e.g.:")
+        _render_model(_EXAMPLE_PROFILE, "profiles.radar-gauge", lines, commented=True)
+        lines.append("")
+    if cfg.devices:
+        for device in cfg.devices:
+            _render_model(device, "devices", lines, array=True)
+            lines.append("")
+    else:
+        lines.append("# Device catalog: which devices use which profile, e.g.:")
+        _render_model(_EXAMPLE_DEVICE, "devices", lines, commented=True, array=True)
         lines.append("")
     return "\n".join(lines).rstrip("\n") + "\n"
+
+
+_EXAMPLE_CHIRPSTACK = ChirpStackSourceConfig(type="chirpstack")
+_EXAMPLE_PROFILE = ProfileConfig(
+    codec="dragino-lmds200",
+    fields=[
+        FieldMapConfig(field="dis1", name="distance", unit="cm"),
+        FieldMapConfig(field="Bat", name="battery", unit="V", valid_min=3.1),
+    ],
+    water_level=WaterLevelConfig(distance="distance", sensor_min_cm=30, sensor_max_cm=2000),
+)
+_EXAMPLE_DEVICE = DeviceConfig(
+    dev_eui="a84041000181c071",
+    profile="radar-gauge",
+    params={"mounting_height_cm": 900},
+    expected_interval_s=900,
+)
 
 
 def render_example() -> str:

@@ -313,11 +313,27 @@ def test_demo_prints_the_event_stream(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert_no_traceback(result)
     lines = result.stdout.splitlines()
-    assert len(lines) == 144
     events = [decode(line.encode(), Encoding.JSON) for line in lines]
-    assert len({e.event_id for e in events}) == 144
-    stamps: list[datetime] = [e.ts for e in events]
+    assert len({e.event_id for e in events}) == len(events)
+    # The river recording: all 144 readings, in order.
+    river = [e for e in events if e.device == "hubeau-V714401001"]
+    assert len(river) == 144
+    stamps: list[datetime] = [e.ts for e in river]
     assert all(a < b for a, b in itertools.pairwise(stamps))
+    # The ChirpStack capture: a radar gauge's water level and a climate sensor, decoded by the
+    # built-in codecs; the repeated frame is dropped, the two frames lost on air are reported.
+    gauge = [e for e in events if e.device == "a84041000181c071" and e.kind == "reading"]
+    f_cnts = [next(m.value for m in e.values if m.name == "f_cnt") for e in gauge]
+    assert len(f_cnts) == len(set(f_cnts)) == 46
+    levels = [next(m.value for m in e.values if m.name == "water_level") for e in gauge]
+    assert max(levels) > 700  # the flood peak
+    assert {e.kind for e in events if e.device == "a84041000181c071"} >= {
+        "uplink_gap",
+        "device_status",
+    }
+    climate = [e for e in events if e.device == "a84041000181c072"]
+    assert climate
+    assert {m.name for m in climate[0].values} >= {"air_temperature", "relative_humidity"}
 
 
 def test_version(tmp_path: Path) -> None:

@@ -1,0 +1,493 @@
+"""ChirpStack v4 source: reads the MQTT application integration of a local ChirpStack.
+
+It subscribes to ``application/+/device/+/event/+`` at QoS 1 with its own client id and a
+persistent session, so uplinks that arrive while the gateway restarts wait at the broker. Messages
+are acknowledged (PUBACK) only after what they produced is committed to the outbox: a crash between
+receipt and commit makes the broker deliver the message again, and the stable event id derived
+from ChirpStack's ``deduplicationId`` turns that redelivery into a duplicate, not a new event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import aiomqtt
+import structlog
+from chirpstack_api import integration
+from google.protobuf import json_format
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
+
+from drivers.lorawan import ChirpStackMessage, Finding, LinkTracker, Profile, parse_message
+from drivers.lorawan import message_time as _message_time
+from gateway.errors import CodecError, TerminalUplinkError
+from gateway.types import (
+    Emit,
+    Event,
+    Measurement,
+    Reading,
+    ReportError,
+    Severity,
+    stable_event_id,
+)
+
+log = structlog.get_logger(__name__)
+
+# CONNACK codes a retry cannot fix (see gateway.uplink for the list's origin).
+_TERMINAL_CONNACK = {4, 5, 134, 135, 138, 140}
+_SILENT_CHECK_S = 5.0
+_LOG_SEVERITY = {"INFO": Severity.INFO, "WARNING": Severity.WARNING, "ERROR": Severity.ALARM}
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRule:
+    """Catalog entry: which devices (by devEUI, device-profile name or tag) use which profile."""
+
+    profile: Profile
+    dev_eui: str | None = None
+    device_profile: str | None = None
+    tag: tuple[str, str] | None = None
+    params: Mapping[str, float] = field(default_factory=dict)
+    expected_interval_s: float | None = None
+
+
+class Catalog:
+    """Finds the rule for a device: devEUI first, then device-profile name, then tags."""
+
+    def __init__(self, rules: Sequence[DeviceRule]) -> None:
+        self._by_eui = {r.dev_eui.lower(): r for r in rules if r.dev_eui}
+        self._by_profile = {r.device_profile: r for r in rules if r.device_profile}
+        self._by_tag = [r for r in rules if r.tag]
+
+    def match(
+        self, dev_eui: str, device_profile: str, tags: Mapping[str, str]
+    ) -> DeviceRule | None:
+        rule = self._by_eui.get(dev_eui) or self._by_profile.get(device_profile)
+        if rule is not None:
+            return rule
+        for candidate in self._by_tag:
+            assert candidate.tag is not None
+            key, value = candidate.tag
+            if tags.get(key) == value:
+                return candidate
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerSettings:
+    """How to reach the local broker ChirpStack publishes to."""
+
+    host: str
+    port: int
+    client_id: str
+    topic: str = "application/+/device/+/event/+"
+    marshaler: str = "auto"
+    username: str | None = None
+    password: Callable[[], str | None] = lambda: None
+    tls_context: Callable[[], ssl.SSLContext | None] = lambda: None
+    keepalive_s: int = 60
+    reconnect_min_s: float = 1.0
+    reconnect_max_s: float = 30.0
+
+
+# LoRaWAN's largest application payload (DR with 242-byte MACPayload limit, minus nothing for
+# FOpts-less frames); ChirpStack rejects what does not fit the device's data rate anyway.
+MAX_DOWNLINK_BYTES = 242
+
+
+class DownlinkRejectedError(ValueError):
+    """A downlink request that cannot be queued; the message says why."""
+
+
+@dataclass(slots=True)
+class DownlinkBudget:
+    """Downlinks per device and UTC day: airtime is shared and regulated (duty cycle)."""
+
+    daily_cap: int
+    used: dict[tuple[str, str], int] = field(default_factory=dict)
+
+    def take(self, dev_eui: str, day: str) -> None:
+        key = (dev_eui, day)
+        if self.used.get(key, 0) >= self.daily_cap:
+            raise DownlinkRejectedError(
+                f"device {dev_eui} reached its cap of {self.daily_cap} downlinks for {day}"
+            )
+        self.used = {k: v for k, v in self.used.items() if k[1] == day}
+        self.used[key] = self.used.get(key, 0) + 1
+
+
+class _SessionLostError(Exception):
+    """The broker connection failed or dropped; retried with backoff."""
+
+
+def _is_terminal(exc: aiomqtt.MqttError) -> bool:
+    rc = getattr(exc, "rc", None)
+    value = getattr(rc, "value", rc)
+    return "onnect" in type(exc).__name__ and value in _TERMINAL_CONNACK
+
+
+class ChirpStackSource:
+    """Turns ChirpStack integration events into readings and link-health events."""
+
+    def __init__(
+        self,
+        name: str,
+        broker: BrokerSettings,
+        catalog: Catalog,
+        *,
+        dedup_window_s: float = 600.0,
+        downlink_daily_cap: int = 24,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.name = name
+        self._broker = broker
+        self._catalog = catalog
+        self._tracker = LinkTracker(dedup_window_s)
+        self._clock = clock
+        self._unknown_reported: set[str] = set()
+        self.counters: dict[str, int] = {}
+        self.connected = asyncio.Event()
+        self._client: aiomqtt.Client | None = None
+        self._budget = DownlinkBudget(downlink_daily_cap)
+        self._rules: dict[str, DeviceRule] = {}
+
+    @property
+    def tracker(self) -> LinkTracker:
+        return self._tracker
+
+    def _count(self, what: str) -> None:
+        self.counters[what] = self.counters.get(what, 0) + 1
+
+    async def replay(
+        self, lines: Sequence[str], emit: Emit, report_error: ReportError, interval_s: float = 0.0
+    ) -> None:
+        """Feed a capture (JSON lines ``{"topic", "payload"}``) through the same decoding.
+
+        For the embedded demo and for trying a device catalog on a desk, without a broker.
+        """
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                topic, payload = str(record["topic"]), json.dumps(record["payload"]).encode()
+            except (ValueError, KeyError, TypeError) as exc:
+                self._count("malformed")
+                report_error("malformed_message", f"capture line {number}: {exc}")
+                continue
+            await self._process(topic, payload, emit, report_error, lambda: None)
+            if interval_s:
+                await asyncio.sleep(interval_s)
+
+    async def run(self, emit: Emit, report_error: ReportError) -> None:
+        retrying = AsyncRetrying(
+            wait=wait_exponential_jitter(
+                multiplier=self._broker.reconnect_min_s,
+                max=self._broker.reconnect_max_s,
+                jitter=self._broker.reconnect_min_s,
+            ),
+            retry=retry_if_exception_type(_SessionLostError),
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                await self._session(emit, report_error)
+
+    async def _session(self, emit: Emit, report_error: ReportError) -> None:
+        broker = self._broker
+        client = aiomqtt.Client(
+            broker.host,
+            broker.port,
+            identifier=broker.client_id,
+            username=broker.username,
+            password=broker.password(),
+            # A persistent session: the broker keeps our subscription and queues uplinks while
+            # the gateway restarts.
+            clean_session=False,
+            keepalive=broker.keepalive_s,
+            tls_context=broker.tls_context(),
+        )
+        # Acknowledge only after the outbox commit. aiomqtt has no public switch for paho's
+        # manual acknowledgement, so its paho client is configured directly.
+        paho = client._client
+        paho.manual_ack_set(True)
+        try:
+            async with client:
+                await client.subscribe(broker.topic, qos=1)
+                self._client = client
+                self.connected.set()
+                log.info(
+                    "chirpstack_connected", source=self.name, host=broker.host, port=broker.port
+                )
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(self._watch_silence(emit), name=f"{self.name}-silence")
+                    async for message in client.messages:
+                        await self._handle(message, emit, report_error, paho)
+        except aiomqtt.MqttError as exc:
+            self.connected.clear()
+            self._client = None
+            if _is_terminal(exc):
+                raise TerminalUplinkError(
+                    f"source {self.name}: broker {broker.host}:{broker.port} refused: {exc}"
+                ) from exc
+            log.warning("chirpstack_disconnected", source=self.name, error=str(exc))
+            raise _SessionLostError(str(exc)) from exc
+        except BaseExceptionGroup as group:
+            self.connected.clear()
+            self._client = None
+            leaves = [e for e in group.exceptions if isinstance(e, aiomqtt.MqttError)]
+            task = asyncio.current_task()
+            if len(leaves) != len(group.exceptions) or (task is not None and task.cancelling()):
+                raise
+            raise _SessionLostError(str(leaves[0])) from group
+
+    def knows(self, dev_eui: str) -> bool:
+        """Whether this source has heard the device (and so can send it a downlink)."""
+        link = self._tracker.devices.get(dev_eui.lower())
+        return link is not None and link.application_id is not None
+
+    def action(self, dev_eui: str, name: str) -> tuple[int, bytes, bool]:
+        """The named downlink of the device's profile; raises DownlinkRejectedError."""
+        rule = self._rules.get(dev_eui.lower())
+        actions = rule.profile.actions if rule is not None else {}
+        if name not in actions:
+            known = ", ".join(sorted(actions)) or "none"
+            raise DownlinkRejectedError(f"no action {name!r} for device {dev_eui} (known: {known})")
+        return actions[name]
+
+    async def send_downlink(
+        self, dev_eui: str, f_port: int, payload: bytes, *, confirmed: bool = False
+    ) -> str:
+        """Queue a downlink at ChirpStack; returns its id (ChirpStack's queue item id).
+
+        Raises DownlinkRejectedError with the reason when it cannot be queued. The outcome on air
+        comes back later as ``downlink_ack`` / ``downlink_txack`` events carrying this id.
+        """
+        dev_eui = dev_eui.lower()
+        if not 1 <= f_port <= 223:
+            # fPort 0 is MAC commands, 224 the LoRaWAN test protocol, 225-255 reserved.
+            raise DownlinkRejectedError(f"fPort must be 1..223 (got: {f_port})")
+        if not payload or len(payload) > MAX_DOWNLINK_BYTES:
+            raise DownlinkRejectedError(
+                f"payload must be 1..{MAX_DOWNLINK_BYTES} bytes (got: {len(payload)})"
+            )
+        link = self._tracker.devices.get(dev_eui)
+        if link is None or link.application_id is None:
+            raise DownlinkRejectedError(
+                f"device {dev_eui} has not been heard yet: its ChirpStack application is unknown"
+            )
+        client = self._client
+        if client is None:
+            raise DownlinkRejectedError("not connected to the ChirpStack broker")
+        self._budget.take(dev_eui, datetime.fromtimestamp(self._clock(), UTC).date().isoformat())
+        downlink_id = str(uuid.uuid4())
+        command = integration.DownlinkCommand(
+            id=downlink_id, dev_eui=dev_eui, confirmed=confirmed, f_port=f_port, data=payload
+        )
+        topic = f"application/{link.application_id}/device/{dev_eui}/command/down"
+        try:
+            # ChirpStack's MQTT integration takes the JSON mapping of DownlinkCommand.
+            body = json_format.MessageToJson(command, indent=None).encode()
+            await client.publish(topic, body, qos=1, timeout=10)
+        except aiomqtt.MqttError as exc:
+            raise DownlinkRejectedError(f"broker did not take the downlink: {exc}") from exc
+        self._count("downlinks_queued")
+        log.info("downlink_queued", device=dev_eui, f_port=f_port, id=downlink_id, n=len(payload))
+        return downlink_id
+
+    async def _handle(
+        self, message: aiomqtt.Message, emit: Emit, report_error: ReportError, paho: Any
+    ) -> None:
+        mid, qos = message.mid, message.qos
+
+        def ack() -> None:
+            if qos > 0:
+                # The session may be gone by the time the commit lands; the broker then
+                # redelivers, and the stable event id makes that a harmless duplicate.
+                paho.ack(mid, qos)
+
+        payload = message.payload if isinstance(message.payload, bytes) else b""
+        await self._process(str(message.topic), payload, emit, report_error, ack)
+
+    async def _process(
+        self,
+        topic: str,
+        payload: bytes,
+        emit: Emit,
+        report_error: ReportError,
+        ack: Callable[[], None],
+    ) -> None:
+        try:
+            parsed = parse_message(topic, payload, self._broker.marshaler)
+            items = self._items(parsed, report_error)
+        except CodecError as exc:
+            self._count("malformed")
+            report_error("malformed_message", str(exc))
+            ack()
+            return
+        if not items:
+            ack()
+            return
+        for item in items[:-1]:
+            await emit(item)
+        await emit(items[-1], ack)
+
+    def _items(self, parsed: ChirpStackMessage, report_error: ReportError) -> list[Reading | Event]:
+        msg = parsed.message
+        now = self._clock()
+        ts = _message_time(msg, datetime.fromtimestamp(now, UTC))
+        dev_eui = parsed.dev_eui
+        # Downlinks go to the application the device last talked through.
+        self._tracker.device(dev_eui).application_id = parsed.application_id
+        self._count(f"{parsed.event_type}_events")
+        if parsed.event_type == "up":
+            return self._uplink(parsed, ts, now, report_error)
+        if parsed.event_type == "join":
+            self._tracker.joined(dev_eui)
+            return [self._event("device_joined", dev_eui, ts, msg.deduplication_id, ())]
+        if parsed.event_type == "status":
+            battery = None if msg.battery_level_unavailable else float(msg.battery_level)
+            self._tracker.status(dev_eui, battery, msg.margin)
+            values = [Measurement("margin", msg.margin, "dB")]
+            if battery is not None:
+                values.append(Measurement("battery_level", round(battery, 2), "%"))
+            values.append(Measurement("external_power", msg.external_power_source))
+            return [self._event("device_status", dev_eui, ts, msg.deduplication_id, values)]
+        if parsed.event_type == "ack":
+            values = [
+                Measurement("acknowledged", msg.acknowledged),
+                Measurement("f_cnt_down", msg.f_cnt_down),
+                Measurement("queue_item_id", msg.queue_item_id[:64]),
+            ]
+            return [self._event("downlink_ack", dev_eui, ts, msg.deduplication_id, values)]
+        if parsed.event_type == "txack":
+            values = [
+                Measurement("f_cnt_down", msg.f_cnt_down),
+                Measurement("queue_item_id", msg.queue_item_id[:64]),
+            ]
+            return [self._event("downlink_txack", dev_eui, ts, msg.downlink_id, values)]
+        # log: ChirpStack's own warnings about the device (codec errors, retransmissions, ...)
+        level = integration_log_level(msg)
+        values = [
+            Measurement("code", integration_log_code(msg)),
+            Measurement("description", msg.description[:256]),
+        ]
+        severity = _LOG_SEVERITY.get(level, Severity.INFO)
+        key = f"log:{dev_eui}:{msg.time.seconds}:{msg.time.nanos}:{msg.code}"
+        return [self._event("chirpstack_log", dev_eui, ts, key, values, severity=severity)]
+
+    def _uplink(
+        self, parsed: ChirpStackMessage, ts: datetime, now: float, report_error: ReportError
+    ) -> list[Reading | Event]:
+        msg = parsed.message
+        dev_eui = parsed.dev_eui
+        # deduplicationId names one radio frame however many gateways heard it; without it,
+        # devEui + fCnt within the window does the same job.
+        key = msg.deduplication_id or f"{dev_eui}:{msg.f_cnt}"
+        if self._tracker.is_duplicate(key, now):
+            self._count("duplicates")
+            return []
+        info = msg.device_info
+        rule = self._catalog.match(dev_eui, info.device_profile_name, dict(info.tags))
+        if rule is None:
+            self._count("unknown_device")
+            report_error("unknown_device", f"device {dev_eui} ({info.device_profile_name!r})")
+            if dev_eui in self._unknown_reported:
+                return []
+            self._unknown_reported.add(dev_eui)
+            values = [Measurement("device_profile", info.device_profile_name[:256])]
+            return [
+                self._event("unknown_device", dev_eui, ts, key, values, severity=Severity.WARNING)
+            ]
+        self._rules[dev_eui] = rule
+        if rule.expected_interval_s is not None:
+            self._tracker.device(dev_eui).expected_interval_s = rule.expected_interval_s
+        rssi, snr = _best_signal(msg)
+        out: list[Reading | Event] = [
+            self._finding(f, ts, f"{key}:{f.kind}")
+            for f in self._tracker.uplink(dev_eui, msg.f_cnt, rssi, snr, now)
+        ]
+        obj = json_format.MessageToDict(msg.object) if msg.HasField("object") else None
+        try:
+            decoded, flags = rule.profile.decode(msg.f_port, msg.data, obj, rule.params)
+        except CodecError as exc:
+            self._count("decode_errors")
+            report_error("decode_error", f"device {dev_eui}: {exc}")
+            error = [Measurement("f_port", msg.f_port), Measurement("error", str(exc)[:256])]
+            out.append(
+                self._event("decode_error", dev_eui, ts, key, error, severity=Severity.WARNING)
+            )
+            return out
+        link = [Measurement("f_cnt", msg.f_cnt)]
+        if rssi is not None:
+            link.append(Measurement("rssi", rssi, "dB[mW]"))
+        if snr is not None:
+            link.append(Measurement("snr", snr, "dB"))
+        out.append(
+            Reading(
+                source=self.name,
+                device=dev_eui,
+                ts=ts,
+                values=(*decoded, *link),
+                quality=flags,
+                event_id=stable_event_id(key, ts),
+            )
+        )
+        return out
+
+    def _event(
+        self,
+        kind: str,
+        dev_eui: str,
+        ts: datetime,
+        key: str,
+        values: Sequence[Measurement],
+        *,
+        severity: Severity = Severity.INFO,
+    ) -> Event:
+        return Event(
+            kind=kind,
+            device=dev_eui,
+            ts=ts,
+            severity=severity,
+            values=tuple(values),
+            event_id=stable_event_id(f"{key}:{kind}", ts),
+        )
+
+    def _finding(self, finding: Finding, ts: datetime, key: str) -> Event:
+        severity = Severity.INFO if finding.kind == "device_back" else Severity.WARNING
+        return self._event(
+            finding.kind, finding.dev_eui, ts, key, finding.values, severity=severity
+        )
+
+    async def _watch_silence(self, emit: Emit) -> None:
+        while True:
+            await asyncio.sleep(_SILENT_CHECK_S)
+            now = self._clock()
+            ts = datetime.fromtimestamp(now, UTC)
+            for finding in self._tracker.check_silent(now):
+                log.warning("device_silent", source=self.name, device=finding.dev_eui)
+                await emit(self._finding(finding, ts, f"silent:{finding.dev_eui}:{int(now)}"))
+
+
+def _best_signal(msg: Any) -> tuple[float | None, float | None]:
+    # The strongest gateway's view: what decides whether the next frame gets through.
+    best = max(msg.rx_info, key=lambda rx: rx.rssi, default=None)
+    if best is None:
+        return None, None
+    return int(best.rssi), round(float(best.snr), 2)
+
+
+def integration_log_level(msg: Any) -> str:
+    return str(msg.DESCRIPTOR.fields_by_name["level"].enum_type.values_by_number[msg.level].name)
+
+
+def integration_log_code(msg: Any) -> str:
+    return str(msg.DESCRIPTOR.fields_by_name["code"].enum_type.values_by_number[msg.code].name)

@@ -1,0 +1,157 @@
+"""Pure LoRaWAN logic: ChirpStack message parsing, link tracking, profiles."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import pytest
+from chirpstack_api import integration
+from google.protobuf import json_format
+from hypothesis import given
+from hypothesis import strategies as st
+
+from drivers.lorawan import (
+    FieldMap,
+    LinkTracker,
+    Profile,
+    WaterLevel,
+    parse_message,
+    parse_topic,
+)
+from gateway.errors import CodecError
+
+EUI = "a84041000181c061"
+TOPIC = f"application/app-1/device/{EUI}/event/up"
+
+
+def _uplink() -> integration.UplinkEvent:
+    event = integration.UplinkEvent(deduplication_id="d-1", f_cnt=42, f_port=2, data=b"\x01\x02")
+    event.device_info.dev_eui = EUI
+    event.object.update({"Distance": 1234})
+    return event
+
+
+def test_parse_topic() -> None:
+    assert parse_topic(TOPIC) == ("app-1", EUI, "up")
+    with pytest.raises(CodecError):
+        parse_topic("application/app-1/device/x/up")
+
+
+@pytest.mark.parametrize("marshaler", ["auto", "json", "protobuf"])
+def test_parse_both_marshalers(marshaler: str) -> None:
+    event = _uplink()
+    json_body = json_format.MessageToJson(event).encode()
+    body = event.SerializeToString() if marshaler == "protobuf" else json_body
+    parsed = parse_message(TOPIC, body, marshaler)
+    assert parsed.event_type == "up"
+    assert parsed.message.f_cnt == 42
+    assert parsed.message.data == b"\x01\x02"
+    assert parsed.message.deduplication_id == "d-1"
+
+
+def test_parse_auto_detects_protobuf() -> None:
+    parsed = parse_message(TOPIC, _uplink().SerializeToString())
+    assert parsed.message.f_cnt == 42
+
+
+def test_topic_and_body_must_agree() -> None:
+    event = _uplink()
+    event.device_info.dev_eui = "0000000000000001"
+    with pytest.raises(CodecError, match="disagree"):
+        parse_message(TOPIC, event.SerializeToString())
+
+
+@given(st.binary(max_size=200))
+def test_garbage_only_raises_codec_error(body: bytes) -> None:
+    with contextlib.suppress(CodecError):
+        parse_message(TOPIC, body)
+
+
+def test_dedup_window_expires() -> None:
+    tracker = LinkTracker(dedup_window_s=10)
+    assert not tracker.is_duplicate("a", 0)
+    assert tracker.is_duplicate("a", 5)
+    assert not tracker.is_duplicate("a", 16)
+
+
+def test_fcnt_gap_reset_and_wrap() -> None:
+    tracker = LinkTracker()
+    assert tracker.uplink(EUI, 1, -80, 5, 0) == []
+    (gap,) = tracker.uplink(EUI, 5, -80, 5, 60)
+    assert gap.kind == "uplink_gap"
+    assert {m.name: m.value for m in gap.values} == {"missed_frames": 3, "f_cnt": 5}
+    (reset,) = tracker.uplink(EUI, 0, -80, 5, 120)
+    assert reset.kind == "fcnt_reset"
+    tracker.uplink(EUI, 2**32 - 1, -80, 5, 180)  # (a reset again, then...)
+    assert tracker.uplink(EUI, 0, -80, 5, 240) == []  # ...a 32-bit wrap is not a reset
+    tracker.joined(EUI)
+    assert tracker.uplink(EUI, 0, -80, 5, 300) == []
+
+
+def test_silent_after_two_and_a_half_intervals_and_back() -> None:
+    tracker = LinkTracker()
+    tracker.device(EUI).expected_interval_s = 60
+    tracker.uplink(EUI, 1, -80, 5, 0)
+    assert tracker.check_silent(149) == []
+    (silent,) = tracker.check_silent(151)
+    assert silent.kind == "device_silent"
+    assert tracker.check_silent(500) == []  # reported once
+    (back,) = tracker.uplink(EUI, 2, -80, 5, 600)
+    assert back.kind == "device_back"
+
+
+def test_silent_learns_the_interval() -> None:
+    tracker = LinkTracker()
+    for i in range(5):
+        tracker.uplink(EUI, i, -80, 5, i * 300)
+    assert tracker.check_silent(1200 + 700) == []
+    assert [f.kind for f in tracker.check_silent(1200 + 800)] == ["device_silent"]
+
+
+GAUGE = Profile(
+    name="gauge",
+    codec=lambda fport, data: {"Distance": int.from_bytes(data[:2], "big"), "Bat": 3.3},
+    fields=(
+        FieldMap("Distance", "distance", "cm", scale=0.1),
+        FieldMap("Bat", "battery", "V", valid_min=3.4),
+    ),
+    water_level=WaterLevel("distance", sensor_min_cm=28, sensor_max_cm=750),
+)
+
+
+def test_profile_water_level_and_flags() -> None:
+    values, flags = GAUGE.decode(2, (1234).to_bytes(2, "big"), None, {"mounting_height_cm": 400})
+    got = {m.name: m.value for m in values}
+    assert got["distance"] == pytest.approx(123.4)
+    assert got["water_level"] == pytest.approx(276.6)
+    assert flags == ("out_of_range",)  # battery below its valid minimum: flagged, kept
+
+
+def test_profile_sentinel_distance_is_flagged_not_dropped() -> None:
+    values, flags = GAUGE.decode(2, b"\x00\x00", None, {"mounting_height_cm": 400})
+    assert "invalid_distance" in flags
+    assert {m.name for m in values} >= {"distance", "water_level"}
+
+
+def test_profile_without_mounting_height() -> None:
+    _, flags = GAUGE.decode(2, (1234).to_bytes(2, "big"), None, {})
+    assert "no_level" in flags
+
+
+def test_profile_prefers_object_when_asked() -> None:
+    profile = Profile("obj", codec=None, fields=(FieldMap("t.value", "temperature", "Cel"),))
+    values, _ = profile.decode(1, b"", {"t": {"value": 21.5}}, {})
+    assert values[0].value == 21.5
+    with pytest.raises(CodecError):
+        profile.decode(1, b"", None, {})
+
+
+def test_profile_rejects_structured_values() -> None:
+    profile = Profile("bad", codec=lambda f, d: {"x": [1, 2]}, fields=(FieldMap("x", "x"),))
+    with pytest.raises(CodecError):
+        profile.decode(1, b"", None, {})
+
+
+def test_water_level_unbounded_range() -> None:
+    assert WaterLevel("d").sensor_max_cm == math.inf
