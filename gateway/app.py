@@ -80,6 +80,30 @@ class CaptureReplay:
         await self._source.replay(lines, emit, report_error, self._interval_s)
 
 
+# The stats message lists at most this many silent devices (it has to stay small).
+_MAX_LISTED_SILENT = 20
+
+
+def lorawan_summary(source: ChirpStackSource) -> dict[str, Any]:
+    """Link health of a ChirpStack source's devices for the stats message."""
+    devices = source.tracker.devices
+    silent = sorted(eui for eui, link in devices.items() if link.silent)
+    weak = sorted(
+        eui for eui, link in devices.items() if link.rssi_trend < -3 and link.uplinks >= 5
+    )
+    return {
+        "source": source.name,
+        "connected": source.connected.is_set(),
+        "devices": len(devices),
+        "silent": len(silent),
+        "silent_devices": silent[:_MAX_LISTED_SILENT],
+        # A falling RSSI trend warns of a failing antenna or battery before frames are lost.
+        "weakening_devices": weak[:_MAX_LISTED_SILENT],
+        "missed_frames": sum(link.missed for link in devices.values()),
+        "counters": dict(source.counters),
+    }
+
+
 def build_profile(name: str, cfg: ProfileConfig) -> Profile:
     """A device profile with its codec resolved (built-in registry or a JavaScript file)."""
     codec: Codec | None = None
@@ -324,6 +348,11 @@ class Gateway:
                 },
                 "reconnects": counters["uplink_connects"],
                 "connect_failures": counters["uplink_connect_failures"],
+                "lorawan": [
+                    lorawan_summary(s.impl)
+                    for s in self._sources
+                    if isinstance(s.impl, ChirpStackSource)
+                ],
             }
 
         return provide

@@ -7,6 +7,7 @@ both marshalers, and asserts the compact events the gateway publishes upstream.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -357,3 +358,29 @@ async def test_downlinks_are_validated_queued_capped_and_acknowledged(
     assert "not hexadecimal" in errors["f"]
     assert values(of_kind(tally, "downlink_txack")[0])["queue_item_id"] == first_id
     assert values(of_kind(tally, "downlink_ack")[0])["acknowledged"] is True
+
+
+async def test_stats_show_every_sensors_link_health(mosquitto: Mosquitto, tmp_path: Path) -> None:
+    cfg = gateway_config(tmp_path / "state", mosquitto.port)
+    async with Recorder(mosquitto.host, mosquitto.port, topics=[f"{BASE}/#"]) as rec:
+        tally = Tally(rec.messages)
+        async with running(cfg) as gateway:
+            await wait_subscribed(gateway)
+            async with aiomqtt.Client(mosquitto.host, mosquitto.port) as cs:
+                for f_cnt in (1, 2, 5):
+                    await cs.publish(topic(GAUGE), as_json(uplink(GAUGE, f_cnt, 1000)), qos=1)
+                await rec.wait_for(lambda _m: len(of_kind(tally, "reading")) >= 3)
+                await cs.publish(f"{BASE}/command/stats", b"", qos=1)
+
+            def lorawan_stats(messages: list[Any]) -> list[dict[str, Any]]:
+                return [
+                    json.loads(m.payload)["lorawan"][0]
+                    for m in messages
+                    if m.topic == f"{BASE}/state/stats"
+                ]
+
+            await rec.wait_for(lambda ms: any(s["devices"] == 1 for s in lorawan_stats(ms)))
+    stats = [s for s in lorawan_stats(rec.messages) if s["devices"] == 1][-1]
+    assert stats["source"] == "chirpstack" and stats["connected"] is True
+    assert stats["missed_frames"] == 2
+    assert stats["counters"]["up_events"] == 3
