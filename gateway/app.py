@@ -25,17 +25,22 @@ from drivers.codecs import get_codec
 from drivers.jscodec import JsCodec
 from drivers.lorawan import Codec, FieldMap, Profile, WaterLevel
 from drivers.replay import ReplaySource
+from drivers.serial_port import SerialSettings
 from gateway import __version__
 from gateway.commands import Commands, downlink_command, ping
 from gateway.config import (
     ChirpStackSourceConfig,
     GatewayConfig,
+    ModbusRtuSourceConfig,
     MqttUplinkConfig,
     ProfileConfig,
+    ReplaySourceConfig,
+    Sdi12SourceConfig,
+    SerialAsciiSourceConfig,
     SourceConfig,
 )
 from gateway.credentials import read_password, tls_context
-from gateway.errors import CodecError
+from gateway.errors import CodecError, ConfigError
 from gateway.health import Heartbeats, Metrics, Notifier, RateMeter
 from gateway.outbox import Outbox
 from gateway.pipeline import OnStored, Pipeline
@@ -192,7 +197,32 @@ def build_source(
         if cfg.replay_file is not None:
             return Source(cfg.name, CaptureReplay(source, cfg.replay_file, cfg.replay_interval_s))
         return Source(cfg.name, source)
-    return Source(cfg.name, ReplaySource(cfg.name, cfg.file, cfg.interval_s, loop=cfg.loop))
+    if isinstance(cfg, ReplaySourceConfig):
+        return Source(cfg.name, ReplaySource(cfg.name, cfg.file, cfg.interval_s, loop=cfg.loop))
+    return build_serial_source(cfg)
+
+
+def serial_settings(
+    cfg: SerialAsciiSourceConfig | ModbusRtuSourceConfig | Sdi12SourceConfig,
+) -> SerialSettings:
+    """The port settings every serial source type shares."""
+    return SerialSettings(
+        port=cfg.port,
+        baud=cfg.baud,
+        bytesize=cfg.bytesize,
+        parity=cfg.parity,
+        stopbits=cfg.stopbits,
+        read_timeout_s=cfg.read_timeout_s,
+        reopen_min_s=cfg.reopen_min_s,
+        reopen_max_s=cfg.reopen_max_s,
+    )
+
+
+def build_serial_source(
+    cfg: SerialAsciiSourceConfig | ModbusRtuSourceConfig | Sdi12SourceConfig,
+) -> Source:
+    """Serial sources: ASCII lines, Modbus RTU, SDI-12."""
+    raise ConfigError(f"sources.{cfg.name}", [f"type {cfg.type!r} is not wired yet"])
 
 
 class Gateway:

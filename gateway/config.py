@@ -282,7 +282,149 @@ class ChirpStackSourceConfig(_Section):
         return self
 
 
-SourceConfig = Annotated[ReplaySourceConfig | ChirpStackSourceConfig, Field(discriminator="type")]
+class _SerialPortFields(_Section):
+    """Where and how a serial sensor is wired (shared by every serial source type)."""
+
+    name: str = Field(min_length=1, max_length=64)
+    port: str = Field(
+        min_length=1,
+        description="Prefer /dev/serial/by-id/...: it survives re-plugging into another USB port.",
+    )
+    baud: int = Field(9600, ge=50, le=4_000_000)
+    bytesize: Literal[7, 8] = 8
+    parity: Literal["N", "E", "O"] = "N"
+    stopbits: Literal[1, 2] = 1
+    read_timeout_s: float = Field(1.0, gt=0)
+    reopen_min_s: float = Field(0.5, gt=0, description="First wait before re-opening a lost port.")
+    reopen_max_s: float = Field(
+        5.0, gt=0, description="Longest wait; keeps 'restored' within seconds of a re-plug."
+    )
+    gap_after_s: float | None = Field(
+        None, gt=0, description="A gap event when nothing valid arrived for this long."
+    )
+
+
+class AsciiFieldConfig(_Section):
+    """One field of an ASCII line → one measurement (value x scale + offset)."""
+
+    key: str = Field(
+        min_length=1,
+        description="regex: the named group; keyvalue: the key; csv: the 0-based column.",
+    )
+    name: str
+    unit: str | None = None
+    scale: float = 1.0
+    offset: float = 0.0
+
+    @field_validator("name")
+    @classmethod
+    def _snake(cls, value: str) -> str:
+        if not _MEASUREMENT_NAME.match(value):
+            raise ValueError("must be lower_snake_case (a-z, 0-9, _), at most 64 characters")
+        return value
+
+
+class SerialAsciiSourceConfig(_SerialPortFields):
+    """A sensor that prints lines of text (weather stations, level probes in ASCII mode)."""
+
+    type: Literal["serial_ascii"]
+    device: str = Field("", description="Device id in events; empty means the source name.")
+    delimiter: str = Field("\n", min_length=1, max_length=4)
+    encoding: str = Field("ascii")
+    max_line_bytes: int = Field(512, ge=16, le=65536)
+    format: Literal["regex", "keyvalue", "csv"] = "regex"
+    pattern: str | None = Field(None, description="regex format: named groups are the keys.")
+    separator: str = Field(",", min_length=1, description="keyvalue and csv: between fields.")
+    checksum: Literal["none", "nmea"] = Field("none", description="nmea: '...*hh' XOR checksum.")
+    fields: list[AsciiFieldConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _pattern_for_regex(self) -> SerialAsciiSourceConfig:
+        if self.format == "regex":
+            if not self.pattern:
+                raise FieldCheckError("pattern", self.pattern, "the regex format needs a pattern")
+            try:
+                compiled = re.compile(self.pattern)
+            except re.error as exc:
+                raise FieldCheckError("pattern", self.pattern, f"not a regex: {exc}") from exc
+            missing = [f.key for f in self.fields if f.key not in compiled.groupindex]
+            if missing:
+                raise FieldCheckError("fields", missing, "keys without a named group in pattern")
+        return self
+
+
+class ModbusRegisterConfig(_Section):
+    """One value read from a Modbus slave."""
+
+    name: str
+    address: int = Field(ge=0, le=65535, description="0-based register address (PDU address).")
+    table: Literal["holding", "input"] = "holding"
+    data_type: Literal["int16", "uint16", "int32", "uint32", "float32"] = "uint16"
+    word_order: Literal["big", "little"] = Field(
+        "big", description="32-bit values: which word first."
+    )
+    byte_order: Literal["big", "little"] = "big"
+    unit: str | None = None
+    scale: float = 1.0
+    offset: float = 0.0
+
+    @field_validator("name")
+    @classmethod
+    def _snake(cls, value: str) -> str:
+        if not _MEASUREMENT_NAME.match(value):
+            raise ValueError("must be lower_snake_case (a-z, 0-9, _), at most 64 characters")
+        return value
+
+
+class ModbusSlaveConfig(_Section):
+    """One slave on the bus, polled on its own schedule."""
+
+    device_id: int = Field(ge=1, le=247, description="Modbus slave address.")
+    device: str = Field(min_length=1, description="Device id in events.")
+    poll_interval_s: float = Field(10.0, gt=0)
+    timeout_s: float = Field(1.0, gt=0)
+    retries: int = Field(1, ge=0, le=5)
+    registers: list[ModbusRegisterConfig] = Field(min_length=1)
+
+
+class ModbusRtuSourceConfig(_SerialPortFields):
+    """Modbus RTU over RS-485: several slaves on one bus."""
+
+    type: Literal["modbus_rtu"]
+    baud: int = Field(9600, ge=50, le=4_000_000)
+    slaves: list[ModbusSlaveConfig] = Field(min_length=1)
+
+
+class Sdi12SensorConfig(_Section):
+    """One SDI-12 sensor: the values of its aM!/aD0! answer, in order."""
+
+    address: str = Field(pattern=r"^[0-9A-Za-z]$")
+    device: str = Field(min_length=1, description="Device id in events.")
+    poll_interval_s: float = Field(60.0, gt=0)
+    values: list[AsciiFieldConfig] = Field(
+        min_length=1, description="key: the 0-based position of the value in the answer."
+    )
+
+
+class Sdi12SourceConfig(_SerialPortFields):
+    """SDI-12 sensors through a transparent USB/serial adapter (1200 baud, 7E1)."""
+
+    type: Literal["sdi12"]
+    baud: int = Field(1200, ge=50, le=4_000_000)
+    bytesize: Literal[7, 8] = 7
+    parity: Literal["N", "E", "O"] = "E"
+    retries: int = Field(3, ge=0, le=10, description="Per command (SDI-12 allows 3).")
+    sensors: list[Sdi12SensorConfig] = Field(min_length=1)
+
+
+SourceConfig = Annotated[
+    ReplaySourceConfig
+    | ChirpStackSourceConfig
+    | SerialAsciiSourceConfig
+    | ModbusRtuSourceConfig
+    | Sdi12SourceConfig,
+    Field(discriminator="type"),
+]
 
 
 class FieldMapConfig(_Section):
@@ -425,7 +567,7 @@ def _format_value(value: Any) -> str:
 # user never wrote that level. The tags, by the location shape that precedes them ("[]": an index).
 _TAGS_AFTER: dict[tuple[str, ...], frozenset[str]] = {
     ("uplink",): frozenset({"mqtt", "file"}),
-    ("sources", "[]"): frozenset({"replay", "chirpstack"}),
+    ("sources", "[]"): frozenset({"replay", "chirpstack", "serial_ascii", "modbus_rtu", "sdi12"}),
 }
 
 
@@ -519,7 +661,13 @@ def _check_files(cfg: GatewayConfig, environ: Mapping[str, str] | None) -> list[
         elif not os.access(resolved, os.R_OK):
             problems.append(f"{dotted}: file not readable by this user (got: {str(resolved)!r})")
     for index, source in enumerate(cfg.sources):
-        replay_file = source.file if isinstance(source, ReplaySourceConfig) else source.replay_file
+        replay_file = (
+            source.file
+            if isinstance(source, ReplaySourceConfig)
+            else source.replay_file
+            if isinstance(source, ChirpStackSourceConfig)
+            else None
+        )
         if replay_file is not None and not replay_file.is_file():
             problems.append(f"sources[{index}].file: file not found (got: {str(replay_file)!r})")
     for profile_name, profile in cfg.profiles.items():
