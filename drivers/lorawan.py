@@ -10,8 +10,11 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import math
 import re
+import sys
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -19,7 +22,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from chirpstack_api import integration
-from google.protobuf import json_format
+from google.protobuf import duration_pb2, json_format, struct_pb2
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 
 from gateway.errors import CodecError
@@ -68,20 +72,304 @@ def parse_message(topic: str, payload: bytes, marshaler: str = "auto") -> ChirpS
     message_cls = EVENT_TYPES.get(event_type)
     if message_cls is None:
         raise CodecError(f"device {dev_eui}: unsupported event type {event_type!r}")
-    message = message_cls()
     as_json = payload.lstrip()[:1] == b"{" if marshaler == "auto" else marshaler == "json"
-    try:
-        if as_json:
-            json_format.Parse(payload, message, ignore_unknown_fields=True)
-        else:
-            message.ParseFromString(payload)
-    except (json_format.ParseError, DecodeError, UnicodeDecodeError, ValueError) as exc:
-        kind = "JSON" if as_json else "protobuf"
-        raise CodecError(f"device {dev_eui}: malformed {kind} {event_type} event: {exc}") from exc
+    message = _parse_json_fast(message_cls, payload) if as_json else None
+    if message is None:
+        message = message_cls()
+        try:
+            if as_json:
+                json_format.Parse(payload, message, ignore_unknown_fields=True)
+            else:
+                message.ParseFromString(payload)
+        except (json_format.ParseError, DecodeError, UnicodeDecodeError, ValueError) as exc:
+            kind = "JSON" if as_json else "protobuf"
+            raise CodecError(
+                f"device {dev_eui}: malformed {kind} {event_type} event: {exc}"
+            ) from exc
     info_eui = message.device_info.dev_eui.lower() if message.HasField("device_info") else ""
     if info_eui and info_eui != dev_eui:
         raise CodecError(f"device {dev_eui}: topic and deviceInfo.devEui ({info_eui}) disagree")
     return ChirpStackMessage(event_type, application_id, dev_eui, message)
+
+
+# -- the JSON marshaler, fast ----------------------------------------------------------------
+#
+# json_format.Parse walks the JSON in pure Python (about 120 us for one uplink of ~1 KB, most of
+# the gateway's time per uplink). _parse_json_fast does the same job for the JSON that ChirpStack
+# actually writes (the canonical protobuf JSON mapping: camelCase names, numbers as numbers, enums
+# as names, RFC 3339 times in UTC, base64 bytes) and builds the message with one constructor call,
+# about 5x faster. It parses the text exactly as json_format does (the same json.loads with a
+# duplicate-key check), converts each value as json_format would, and declines (returns None) on
+# anything else: a null, a number in a string, an enum as a number, a time with an offset, an
+# unknown well-known type, a key given twice, two members of a oneof, any error at all. Then
+# json_format.Parse runs as before and decides, so malformed input gets the very same CodecError.
+# tests/test_lorawan_fast_json.py holds the two parsers to the same result.
+
+
+class _DeclinedError(Exception):
+    """Not the canonical form: json_format.Parse decides."""
+
+
+_FLOAT32_MAX = float.fromhex("0x1.fffffep+127")
+# Unpaired UTF-16 surrogates, which json_format refuses in strings (same pattern as its own).
+_UNPAIRED_SURROGATE = re.compile(
+    "[\ud800-\udbff](?![\udc00-\udfff])|(?<![\ud800-\udbff])[\udc00-\udfff]"
+)
+_RFC3339_UTC = re.compile(r"(\d{4})-(\d\d)-(\d\d)T(\d\d):(\d\d):(\d\d)(?:\.(\d{1,9}))?Z")
+_EPOCH = datetime(1970, 1, 1)  # naive, as in Timestamp.FromJsonString
+_TIMESTAMP_MIN_S = -62135596800  # 0001-01-01T00:00:00Z
+_TIMESTAMP_MAX_S = 253402300799  # 9999-12-31T23:59:59Z
+# Struct (ChirpStack's decoded ``object``) nested deeper than this goes the slow way, which
+# enforces json_format's recursion limit.
+_STRUCT_MAX_DEPTH = 16
+_INT_RANGES = {
+    FieldDescriptor.TYPE_INT32: (-(2**31), 2**31 - 1),
+    FieldDescriptor.TYPE_SINT32: (-(2**31), 2**31 - 1),
+    FieldDescriptor.TYPE_SFIXED32: (-(2**31), 2**31 - 1),
+    FieldDescriptor.TYPE_UINT32: (0, 2**32 - 1),
+    FieldDescriptor.TYPE_FIXED32: (0, 2**32 - 1),
+    FieldDescriptor.TYPE_INT64: (-(2**63), 2**63 - 1),
+    FieldDescriptor.TYPE_SINT64: (-(2**63), 2**63 - 1),
+    FieldDescriptor.TYPE_SFIXED64: (-(2**63), 2**63 - 1),
+    FieldDescriptor.TYPE_UINT64: (0, 2**64 - 1),
+    FieldDescriptor.TYPE_FIXED64: (0, 2**64 - 1),
+}
+
+_Convert = Callable[[Any], Any]
+# How a field's JSON value is checked: the common scalar kinds inline, the rest by a converter.
+_STR, _INT, _BOOL, _OTHER = range(4)
+# Per message type: JSON key → (constructor keyword, kind, int range or converter, oneof name).
+_Plan = dict[str, tuple[str, int, Any, str | None]]
+_PLANS: dict[str, tuple[_Plan, bool]] = {}
+
+
+def _parse_json_fast(message_cls: type[Message], payload: bytes) -> Message | None:
+    """``payload`` parsed as json_format.Parse would, or None to let json_format decide."""
+    try:
+        data = json.loads(payload.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
+        if type(data) is not dict:
+            return None
+        return message_cls(**_convert_message(message_cls.DESCRIPTOR, data))
+    except Exception:  # noqa: BLE001 -- declining is always safe: json_format decides
+        return None
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # json_format refuses a key given twice in one object.
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise _DeclinedError
+    return result
+
+
+def _convert_message(descriptor: Descriptor, data: dict[str, Any]) -> dict[str, Any]:
+    cached = _PLANS.get(descriptor.full_name)
+    if cached is None:
+        cached = _PLANS[descriptor.full_name] = _plan(descriptor)
+    plan, has_oneofs = cached
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        entry = plan.get(key)
+        if entry is None:
+            if key.startswith("["):
+                raise _DeclinedError  # extension syntax: json_format has its own rules
+            continue  # unknown fields are ignored (ignore_unknown_fields=True)
+        name, kind, arg, _oneof = entry
+        if name in kwargs:
+            raise _DeclinedError  # the JSON name and the proto name both given
+        t = type(value)
+        if kind == _STR:
+            if t is not str or (not value.isascii() and _UNPAIRED_SURROGATE.search(value)):
+                raise _DeclinedError
+        elif kind == _INT:
+            if t is not int or not arg[0] <= value <= arg[1]:
+                raise _DeclinedError
+        elif kind == _BOOL:
+            if t is not bool:
+                raise _DeclinedError
+        elif value is None:
+            raise _DeclinedError  # json_format clears the field (or sets a null_value)
+        else:
+            kwargs[name] = arg(value)
+            continue
+        kwargs[name] = value
+    if has_oneofs:
+        oneofs = [plan[key][3] for key in data if key in plan and plan[key][3] is not None]
+        if len(oneofs) != len(set(oneofs)):
+            raise _DeclinedError  # two members of one oneof
+    return kwargs
+
+
+def _plan(descriptor: Descriptor) -> tuple[_Plan, bool]:
+    plan: _Plan = {}
+    for f in descriptor.fields:
+        oneof = f.containing_oneof.name if f.containing_oneof is not None else None
+        kind, arg = _field_kind(f)
+        plan[f.json_name] = (f.name, kind, arg, oneof)
+    for f in descriptor.fields:
+        # json_format also takes the proto field name, after the JSON names.
+        plan.setdefault(f.name, plan[f.json_name])
+    return plan, any(f.containing_oneof is not None for f in descriptor.fields)
+
+
+def _field_kind(f: FieldDescriptor) -> tuple[int, Any]:
+    if not f.is_repeated:
+        if f.type == FieldDescriptor.TYPE_STRING:
+            return _STR, None
+        if f.type == FieldDescriptor.TYPE_BOOL:
+            return _BOOL, None
+        if f.type in _INT_RANGES:
+            return _INT, _INT_RANGES[f.type]
+    return _OTHER, _field_converter(f)
+
+
+def _field_converter(f: FieldDescriptor) -> _Convert:
+    entry_type = f.message_type
+    if entry_type is not None and entry_type.GetOptions().map_entry:
+        if entry_type.fields_by_name["key"].type != FieldDescriptor.TYPE_STRING:
+            return _decline
+        convert_value = _single_converter(entry_type.fields_by_name["value"])
+
+        def convert_map(value: Any) -> dict[str, Any]:
+            if type(value) is not dict:
+                raise _DeclinedError
+            return {_string(k): convert_value(v) for k, v in value.items()}
+
+        return convert_map
+    single = _single_converter(f)
+    if f.is_repeated:
+
+        def convert_list(value: Any) -> list[Any]:
+            if type(value) is not list:
+                raise _DeclinedError
+            return [single(v) for v in value]
+
+        return convert_list
+    return single
+
+
+def _single_converter(f: FieldDescriptor) -> _Convert:
+    t = f.type
+    if t in (FieldDescriptor.TYPE_MESSAGE, FieldDescriptor.TYPE_GROUP):
+        return _message_converter(f.message_type)
+    if t == FieldDescriptor.TYPE_STRING:
+        return _string
+    if t == FieldDescriptor.TYPE_BYTES:
+        return _bytes
+    if t == FieldDescriptor.TYPE_BOOL:
+        return _bool
+    if t == FieldDescriptor.TYPE_ENUM:
+        numbers: dict[str, int] = {v.name: v.number for v in f.enum_type.values}
+
+        def convert_enum(value: Any) -> int:
+            if type(value) is not str or value not in numbers:
+                raise _DeclinedError
+            return numbers[value]
+
+        return convert_enum
+    if t in _INT_RANGES:
+        low, high = _INT_RANGES[t]
+
+        def convert_int(value: Any) -> int:
+            if type(value) is not int or not low <= value <= high:
+                raise _DeclinedError
+            return value
+
+        return convert_int
+    limit = _FLOAT32_MAX if t == FieldDescriptor.TYPE_FLOAT else sys.float_info.max
+
+    def convert_float(value: Any) -> float:
+        kind = type(value)
+        if kind is not float and kind is not int:
+            raise _DeclinedError
+        number = float(value)
+        if not -limit <= number <= limit:  # NaN, infinities, out of float32 range
+            raise _DeclinedError
+        return number
+
+    return convert_float
+
+
+def _message_converter(descriptor: Descriptor) -> _Convert:
+    full_name = descriptor.full_name
+    if full_name == "google.protobuf.Timestamp":
+        return _timestamp
+    if full_name == "google.protobuf.Duration":
+        return _duration
+    if full_name == "google.protobuf.Struct":
+        return _struct
+    if full_name.startswith("google.protobuf."):
+        return _decline  # Any, Value, ListValue, FieldMask, wrappers: special JSON forms
+
+    def convert_message(value: Any) -> dict[str, Any]:
+        if type(value) is not dict:
+            raise _DeclinedError
+        return _convert_message(descriptor, value)
+
+    return convert_message
+
+
+def _decline(_value: Any) -> Any:
+    raise _DeclinedError
+
+
+def _string(value: Any) -> str:
+    if type(value) is not str or (not value.isascii() and _UNPAIRED_SURROGATE.search(value)):
+        raise _DeclinedError
+    return value
+
+
+def _bytes(value: Any) -> bytes:
+    if type(value) is not str:
+        raise _DeclinedError
+    # Exactly json_format's decoding, lenient as it is.
+    encoded = value.encode("utf-8")
+    return base64.urlsafe_b64decode(encoded + b"=" * (4 - len(encoded) % 4))
+
+
+def _bool(value: Any) -> bool:
+    if type(value) is not bool:
+        raise _DeclinedError
+    return value
+
+
+def _timestamp(value: Any) -> dict[str, int]:
+    # Timestamp.FromJsonString's arithmetic, for the UTC form ChirpStack writes.
+    match = _RFC3339_UTC.fullmatch(value) if type(value) is str else None
+    if match is None:
+        raise _DeclinedError
+    year, month, day, hour, minute, second, fraction = match.groups()
+    delta = datetime(int(year), int(month), int(day), int(hour), int(minute), int(second)) - _EPOCH
+    seconds = delta.seconds + delta.days * 86400
+    nanos = round(float("0." + fraction) * 1e9) if fraction else 0
+    if not _TIMESTAMP_MIN_S <= seconds <= _TIMESTAMP_MAX_S or not 0 <= nanos <= 999_999_999:
+        raise _DeclinedError
+    return {"seconds": seconds, "nanos": nanos}
+
+
+def _duration(value: Any) -> duration_pb2.Duration:
+    if type(value) is not str:
+        raise _DeclinedError
+    duration = duration_pb2.Duration()
+    duration.FromJsonString(value)  # what json_format calls; a ValueError declines
+    return duration
+
+
+def _struct(value: Any) -> struct_pb2.Struct:
+    if type(value) is not dict or not _plain_json(value, _STRUCT_MAX_DEPTH):
+        raise _DeclinedError
+    struct = struct_pb2.Struct()
+    struct.update(value)  # the same Value conversions json_format makes
+    return struct
+
+
+def _plain_json(value: Any, depth: int) -> bool:
+    kind = type(value)
+    if kind is dict:
+        return depth > 0 and all(_plain_json(v, depth - 1) for v in value.values())
+    if kind is list:
+        return depth > 0 and all(_plain_json(v, depth - 1) for v in value)
+    return kind is str or kind is int or kind is float or kind is bool or value is None
 
 
 def message_time(message: Any, fallback: datetime) -> datetime:
@@ -132,7 +420,11 @@ class LinkTracker:
         self.devices: dict[str, DeviceLink] = {}
 
     def device(self, dev_eui: str) -> DeviceLink:
-        return self.devices.setdefault(dev_eui, DeviceLink())
+        link = self.devices.get(dev_eui)
+        if link is None:
+            # Not setdefault(): that would build a DeviceLink on every call (twice per uplink).
+            link = self.devices[dev_eui] = DeviceLink()
+        return link
 
     def is_duplicate(self, key: str, now: float) -> bool:
         """True when ``key`` was seen within the window; remembers it otherwise."""

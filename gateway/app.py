@@ -20,12 +20,15 @@ from typing import Any, Protocol
 
 import structlog
 
+from drivers.ascii_lines import AsciiLineSource, FieldSpec, Framing, LineParser
 from drivers.chirpstack import BrokerSettings, Catalog, ChirpStackSource, DeviceRule
 from drivers.codecs import get_codec
 from drivers.jscodec import JsCodec
 from drivers.lorawan import Codec, FieldMap, Profile, WaterLevel
+from drivers.modbus import ModbusRegister, ModbusRtuSource, ModbusSlave
 from drivers.replay import ReplaySource
-from drivers.serial_port import SerialSettings
+from drivers.sdi12 import Sdi12Sensor, Sdi12Source, Sdi12Value
+from drivers.serial_port import SerialSettings, SerialSource
 from gateway import __version__
 from gateway.commands import Commands, downlink_command, ping
 from gateway.config import (
@@ -218,11 +221,76 @@ def serial_settings(
     )
 
 
+def line_parser(cfg: SerialAsciiSourceConfig) -> LineParser:
+    """The parser of a serial_ascii source (the source and ``serial probe --source`` share it)."""
+    return LineParser(
+        [FieldSpec(f.key, f.name, f.unit, f.scale, f.offset) for f in cfg.fields],
+        format=cfg.format,
+        pattern=cfg.pattern,
+        separator=cfg.separator,
+        key_separator=cfg.key_separator,
+        checksum=cfg.checksum,
+    )
+
+
 def build_serial_source(
     cfg: SerialAsciiSourceConfig | ModbusRtuSourceConfig | Sdi12SourceConfig,
 ) -> Source:
-    """Serial sources: ASCII lines, Modbus RTU, SDI-12."""
-    raise ConfigError(f"sources.{cfg.name}", [f"type {cfg.type!r} is not wired yet"])
+    """Serial sources: ASCII lines, Modbus RTU, SDI-12 (one branch per type)."""
+    if isinstance(cfg, SerialAsciiSourceConfig):
+        source = AsciiLineSource(
+            cfg.name,
+            cfg.device or cfg.name,
+            serial_settings(cfg),
+            Framing(cfg.delimiter, cfg.encoding, cfg.max_line_bytes),
+            line_parser(cfg),
+            gap_after_s=cfg.gap_after_s,
+            max_lines=cfg.max_lines,
+        )
+        return Source(cfg.name, source)
+    if isinstance(cfg, ModbusRtuSourceConfig):
+        slaves = [
+            ModbusSlave(
+                device_id=s.device_id,
+                device=s.device,
+                registers=tuple(ModbusRegister(**r.model_dump()) for r in s.registers),
+                poll_interval_s=s.poll_interval_s,
+                timeout_s=s.timeout_s,
+                retries=s.retries,
+                backoff_max_s=s.backoff_max_s,
+            )
+            for s in cfg.slaves
+        ]
+        try:
+            modbus = ModbusRtuSource(cfg.name, serial_settings(cfg), slaves)
+        except ValueError as exc:
+            raise ConfigError(f"sources.{cfg.name}", [str(exc)]) from exc
+        return Source(cfg.name, modbus)
+    sensors = [
+        Sdi12Sensor(
+            address=s.address,
+            device=s.device,
+            poll_interval_s=s.poll_interval_s,
+            values=tuple(
+                Sdi12Value(int(v.key), v.name, v.unit, v.scale, v.offset) for v in s.values
+            ),
+            measurement=s.measurement,
+            crc=s.crc,
+        )
+        for s in cfg.sensors
+    ]
+    try:
+        sdi12 = Sdi12Source(
+            cfg.name, serial_settings(cfg), sensors, cfg.retries, wake_break=cfg.wake_break
+        )
+    except ValueError as exc:
+        raise ConfigError(f"sources.{cfg.name}", [str(exc)]) from exc
+    return Source(cfg.name, sdi12)
+
+
+def serial_summary(source: SerialSource) -> dict[str, Any]:
+    """A serial source's port and counters for the stats message."""
+    return {"source": source.name, **source.port.summary(), "counters": dict(source.counters)}
 
 
 class Gateway:
@@ -236,6 +304,8 @@ class Gateway:
         self._notifier = Notifier(environ)
         self._heartbeats = Heartbeats(cfg.gateway.heartbeat_timeout_s)
         self._stop = asyncio.Event()
+        # Set once the sources run (READY=1): the demo's simulated sensor waits for it.
+        self.ready = asyncio.Event()
         self._signals = 0
         self._rates = RateMeter(self._metrics, ("events_in", "events_out"))
         self._sources: list[Source] = []
@@ -302,6 +372,7 @@ class Gateway:
                 ]
                 self._notifier.ready(self._status(outbox, uplink))
                 log.info("gateway_ready", sources=[s.name for s in sources], uplink=uplink_cfg.type)
+                self.ready.set()
 
                 if stop_when_sources_done:
                     stopper = asyncio.ensure_future(self._stop.wait())
@@ -382,6 +453,13 @@ class Gateway:
                     lorawan_summary(s.impl)
                     for s in self._sources
                     if isinstance(s.impl, ChirpStackSource)
+                ],
+                # Port state (open, missing, permission: ... with the fix) and counters per
+                # serial source, so a technician sees an unplugged or refused port remotely.
+                "serial": [
+                    serial_summary(s.impl)
+                    for s in self._sources
+                    if isinstance(s.impl, SerialSource)
                 ],
             }
 

@@ -1,25 +1,36 @@
-"""Command line: ``edge-gateway run | check-config | print-config | demo | codec | version``."""
+"""Command line: ``edge-gateway run|check-config|print-config|demo|codec|serial|version``."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import structlog
 
+from drivers.ascii_lines import AsciiLineSource
 from gateway import __version__
 from gateway.app import EXIT_CONFIG, EXIT_OK, EXIT_SOFTWARE, Gateway
 from gateway.codec_cli import add_codec_parser
-from gateway.config import DEFAULT_CONFIG_PATH, GatewayConfig, config_from_dict, load_config
+from gateway.config import (
+    DEFAULT_CONFIG_PATH,
+    GatewayConfig,
+    check_ports,
+    config_from_dict,
+    load_config,
+)
+from gateway.demo import weather_station
 from gateway.errors import ConfigError, GatewayError, TerminalUplinkError
 from gateway.logs import configure_logging
 from gateway.render import render_config, render_example
+from gateway.serial_cli import add_serial_parser
 
 log = structlog.get_logger(__name__)
 
@@ -45,10 +56,15 @@ def _leaves(exc: BaseException) -> list[BaseException]:
 
 
 def _run_gateway(cfg: GatewayConfig, *, stop_when_sources_done: bool = False) -> int:
+    return _guarded(
+        lambda: Gateway(cfg, dict(os.environ)).run(stop_when_sources_done=stop_when_sources_done)
+    )
+
+
+def _guarded(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
+    """Run the gateway's event loop and turn what ends it into an exit status."""
     try:
-        return asyncio.run(
-            Gateway(cfg, dict(os.environ)).run(stop_when_sources_done=stop_when_sources_done)
-        )
+        return asyncio.run(main())
     except (Exception, BaseExceptionGroup) as exc:  # the top of main: decide the exit code
         leaves = _leaves(exc)
         for leaf in leaves:
@@ -75,6 +91,14 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
     if cfg is None:
         return EXIT_CONFIG
+    # The serial ports as they are on this machine now (only check-config looks: `run` waits
+    # for a missing port and reports a refused one in its log and stats, per source).
+    errors, warnings = check_ports(cfg)
+    for warning in warnings:
+        print(f"{args.config}: warning: {warning}", file=sys.stderr)
+    if errors:
+        _print_config_error(ConfigError(str(args.config), errors))
+        return EXIT_CONFIG
     print(f"{args.config}: OK")
     return EXIT_OK
 
@@ -90,13 +114,21 @@ def cmd_print_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def demo_config(state_dir: Path, interval_s: float) -> GatewayConfig:
+def demo_config(
+    state_dir: Path, interval_s: float, serial_port: Path | None = None
+) -> GatewayConfig:
     """The embedded default: bundled recordings → pipeline → outbox → stdout.
 
-    A river gauge's readings replayed as they are, and a ChirpStack capture (a radar gauge and a
-    climate sensor) decoded by the built-in codecs through the device catalog.
+    A river gauge's readings replayed as they are, a ChirpStack capture (a radar gauge and a
+    climate sensor) decoded by the built-in codecs through the device catalog, and, with
+    ``serial_port``, a weather station on a serial port (see gateway.demo.weather_station).
     """
     capture = resources.files("gateway.demo").joinpath("chirpstack-demo.jsonl")
+    serial = (
+        []
+        if serial_port is None
+        else [weather_station.source_config(serial_port, len(weather_station.station_lines()))]
+    )
     return config_from_dict(
         {
             "gateway": {"id": "demo", "state_dir": str(state_dir), "log_level": "warning"},
@@ -109,6 +141,7 @@ def demo_config(state_dir: Path, interval_s: float) -> GatewayConfig:
                     "replay_file": str(capture),
                     "replay_interval_s": interval_s,
                 },
+                *serial,
             ],
             "profiles": {
                 "radar-gauge": {
@@ -146,18 +179,79 @@ def demo_config(state_dir: Path, interval_s: float) -> GatewayConfig:
     )
 
 
+# How long the demo waits for its serial source to open the port, and then to take every line
+# of the simulated station; past that (a line lost on the pty), the demo stops instead of hanging.
+_DEMO_SERIAL_TIMEOUT_S = 10.0
+
+
+async def _weather_station(
+    station_side: Path, interval_s: float, gateway: Gateway, run: asyncio.Task[int]
+) -> None:
+    """Feed the simulated station once the gateway's serial source has opened its port."""
+    try:
+        async with asyncio.timeout(_DEMO_SERIAL_TIMEOUT_S):
+            await gateway.ready.wait()
+            source = gateway.source(weather_station.SOURCE_NAME)
+            assert isinstance(source, AsciiLineSource)
+            await source.port.opened.wait()
+    except TimeoutError:
+        if not run.done():
+            print("edge-gateway demo: the serial port did not open; stopping", file=sys.stderr)
+            gateway.request_stop()
+        return
+    lines = weather_station.station_lines()
+    await weather_station.feed(station_side, lines, max(interval_s * 5, 0.005))
+    done, _ = await asyncio.wait({run}, timeout=_DEMO_SERIAL_TIMEOUT_S)
+    if not done:
+        print(
+            "edge-gateway demo: the station's lines did not all arrive; stopping", file=sys.stderr
+        )
+        gateway.request_stop()
+
+
+async def _demo_with_station(tmp: Path, state_dir: Path, interval_s: float) -> int:
+    """The demo with the simulated weather station on a socat pty pair."""
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            gateway_side, station_side = await stack.enter_async_context(
+                weather_station.pty_pair(tmp)
+            )
+        except (OSError, RuntimeError) as exc:
+            print(
+                f"edge-gateway demo: no pseudo-terminal for the weather station ({exc}); "
+                "skipping it",
+                file=sys.stderr,
+            )
+            plain = Gateway(demo_config(state_dir, interval_s), dict(os.environ))
+            return await plain.run(stop_when_sources_done=True)
+        gateway = Gateway(demo_config(state_dir, interval_s, gateway_side), dict(os.environ))
+        async with asyncio.TaskGroup() as tg:
+            run = tg.create_task(gateway.run(stop_when_sources_done=True), name="gateway")
+            tg.create_task(
+                _weather_station(station_side, interval_s, gateway, run), name="weather-station"
+            )
+        return run.result()
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     # Logs go to stderr here so stdout is exactly the event stream a platform would receive.
     configure_logging("warning", "console", sys.stderr)
     with tempfile.TemporaryDirectory(prefix="edge-gateway-demo-") as tmp:
         state_dir = args.state_dir or Path(tmp)
-        cfg = demo_config(state_dir, args.interval)
         print(
             "edge-gateway demo: replaying a real river flood (Le Gard at Anduze, Sept 2020) "
             "through pipeline -> durable outbox -> uplink (stdout):",
             file=sys.stderr,
         )
-        code = _run_gateway(cfg, stop_when_sources_done=True)
+        if not weather_station.socat_available():
+            print(
+                "edge-gateway demo: socat not installed, skipping the serial weather station "
+                "(apt-get install socat)",
+                file=sys.stderr,
+            )
+            code = _run_gateway(demo_config(state_dir, args.interval), stop_when_sources_done=True)
+        else:
+            code = _guarded(lambda: _demo_with_station(Path(tmp), state_dir, args.interval))
         kept = f"; outbox kept in {state_dir}" if args.state_dir else ""
         print(f"edge-gateway demo: done (exit {code}){kept}", file=sys.stderr)
         return code
@@ -195,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     add_codec_parser(sub)
+    add_serial_parser(sub)
 
     version = sub.add_parser("version", help="print the version")
     version.set_defaults(func=cmd_version)

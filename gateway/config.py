@@ -303,6 +303,14 @@ class _SerialPortFields(_Section):
         None, gt=0, description="A gap event when nothing valid arrived for this long."
     )
 
+    @model_validator(mode="after")
+    def _reopen_order(self) -> _SerialPortFields:
+        if self.reopen_max_s < self.reopen_min_s:
+            raise FieldCheckError(
+                "reopen_max_s", self.reopen_max_s, "must be at least reopen_min_s"
+            )
+        return self
+
 
 class AsciiFieldConfig(_Section):
     """One field of an ASCII line → one measurement (value x scale + offset)."""
@@ -328,18 +336,38 @@ class SerialAsciiSourceConfig(_SerialPortFields):
     """A sensor that prints lines of text (weather stations, level probes in ASCII mode)."""
 
     type: Literal["serial_ascii"]
-    device: str = Field("", description="Device id in events; empty means the source name.")
-    delimiter: str = Field("\n", min_length=1, max_length=4)
-    encoding: str = Field("ascii")
-    max_line_bytes: int = Field(512, ge=16, le=65536)
+    device: str = Field("", max_length=256, description="Device id in events; empty: the name.")
+    delimiter: str = Field("\n", min_length=1, max_length=4, description="Ends each line.")
+    encoding: str = Field("ascii", description="ASCII-compatible: ascii, latin-1, utf-8.")
+    max_line_bytes: int = Field(
+        512, ge=16, le=65536, description="Longer lines are dropped (and counted)."
+    )
     format: Literal["regex", "keyvalue", "csv"] = "regex"
-    pattern: str | None = Field(None, description="regex format: named groups are the keys.")
+    pattern: str | None = Field(
+        None, description="regex format: named groups are the keys (searched; anchor with ^ $)."
+    )
     separator: str = Field(",", min_length=1, description="keyvalue and csv: between fields.")
+    key_separator: str = Field("=", min_length=1, description="keyvalue: between key and value.")
     checksum: Literal["none", "nmea"] = Field("none", description="nmea: '...*hh' XOR checksum.")
+    max_lines: int | None = Field(
+        None, ge=1, description="Stop the source after this many lines (demo, desk tests)."
+    )
     fields: list[AsciiFieldConfig] = Field(min_length=1)
 
     @model_validator(mode="after")
-    def _pattern_for_regex(self) -> SerialAsciiSourceConfig:
+    def _format_matches_fields(self) -> SerialAsciiSourceConfig:
+        from drivers.ascii_lines import check_encoding  # noqa: PLC0415 -- pure, no I/O
+
+        try:
+            check_encoding(self.encoding)
+        except ValueError as exc:
+            raise FieldCheckError("encoding", self.encoding, str(exc)) from exc
+        try:
+            self.delimiter.encode(self.encoding)
+        except UnicodeEncodeError as exc:
+            raise FieldCheckError(
+                "delimiter", self.delimiter, f"not encodable in {self.encoding}"
+            ) from exc
         if self.format == "regex":
             if not self.pattern:
                 raise FieldCheckError("pattern", self.pattern, "the regex format needs a pattern")
@@ -350,6 +378,14 @@ class SerialAsciiSourceConfig(_SerialPortFields):
             missing = [f.key for f in self.fields if f.key not in compiled.groupindex]
             if missing:
                 raise FieldCheckError("fields", missing, "keys without a named group in pattern")
+        elif self.format == "csv":
+            bad = [f.key for f in self.fields if not f.key.isdigit()]
+            if bad:
+                raise FieldCheckError("fields", bad, "csv keys are 0-based column numbers")
+        names = [f.name for f in self.fields]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise FieldCheckError("fields", duplicates, "measurement names must be unique")
         return self
 
 
@@ -382,9 +418,21 @@ class ModbusSlaveConfig(_Section):
     device_id: int = Field(ge=1, le=247, description="Modbus slave address.")
     device: str = Field(min_length=1, description="Device id in events.")
     poll_interval_s: float = Field(10.0, gt=0)
-    timeout_s: float = Field(1.0, gt=0)
+    timeout_s: float = Field(
+        1.0, gt=0, description="The slave's turnaround time; the frames' wire time is added."
+    )
     retries: int = Field(1, ge=0, le=5)
+    backoff_max_s: float = Field(
+        60.0, gt=0, description="Longest wait between probes of a slave that stopped answering."
+    )
     registers: list[ModbusRegisterConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> ModbusSlaveConfig:
+        names = [r.name for r in self.registers]
+        if len(set(names)) != len(names):
+            raise FieldCheckError("registers", names, "register names must be unique per slave")
+        return self
 
 
 class ModbusRtuSourceConfig(_SerialPortFields):
@@ -394,6 +442,13 @@ class ModbusRtuSourceConfig(_SerialPortFields):
     baud: int = Field(9600, ge=50, le=4_000_000)
     slaves: list[ModbusSlaveConfig] = Field(min_length=1)
 
+    @model_validator(mode="after")
+    def _unique_ids(self) -> ModbusRtuSourceConfig:
+        ids = [s.device_id for s in self.slaves]
+        if len(set(ids)) != len(ids):
+            raise FieldCheckError("slaves", ids, "device_id must be unique on a bus")
+        return self
+
 
 class Sdi12SensorConfig(_Section):
     """One SDI-12 sensor: the values of its aM!/aD0! answer, in order."""
@@ -401,20 +456,49 @@ class Sdi12SensorConfig(_Section):
     address: str = Field(pattern=r"^[0-9A-Za-z]$")
     device: str = Field(min_length=1, description="Device id in events.")
     poll_interval_s: float = Field(60.0, gt=0)
+    measurement: int = Field(0, ge=0, le=9, description="0: aM!, 1..9: aM1!..aM9!.")
+    crc: bool = Field(False, description="aMC!: answers carry a CRC, which is checked.")
     values: list[AsciiFieldConfig] = Field(
         min_length=1, description="key: the 0-based position of the value in the answer."
     )
 
+    @model_validator(mode="after")
+    def _keys_are_positions(self) -> Sdi12SensorConfig:
+        keys = [v.key for v in self.values]
+        if not all(re.fullmatch(r"\d{1,2}", k) for k in keys) or len(set(keys)) != len(keys):
+            raise FieldCheckError("values", keys, "keys must be distinct value positions 0..99")
+        return self
+
 
 class Sdi12SourceConfig(_SerialPortFields):
-    """SDI-12 sensors through a transparent USB/serial adapter (1200 baud, 7E1)."""
+    """SDI-12 sensors through a USB/serial adapter that speaks SDI-12 command text.
+
+    Many adapters talk 9600 8N1 on their USB side: check the adapter's manual and override
+    baud/bytesize/parity.
+    """
 
     type: Literal["sdi12"]
     baud: int = Field(1200, ge=50, le=4_000_000)
     bytesize: Literal[7, 8] = 7
     parity: Literal["N", "E", "O"] = "E"
-    retries: int = Field(3, ge=0, le=10, description="Per command (SDI-12 allows 3).")
+    read_timeout_s: float = Field(
+        1.0, gt=0, description="Response window per command, adapter latency included."
+    )
+    retries: int = Field(3, ge=0, le=10, description="Per command; the spec asks for at least 3.")
+    wake_break: bool = Field(
+        False, description="Plain level shifters: the gateway sends the 12 ms break itself."
+    )
     sensors: list[Sdi12SensorConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_sensors(self) -> Sdi12SourceConfig:
+        devices = [s.device for s in self.sensors]
+        slots = [(s.address, s.measurement) for s in self.sensors]
+        if len(set(devices)) != len(devices) or len(set(slots)) != len(slots):
+            raise FieldCheckError(
+                "sensors", devices, "devices and (address, measurement) pairs must be unique"
+            )
+        return self
 
 
 SourceConfig = Annotated[
@@ -520,6 +604,22 @@ class GatewayConfig(BaseSettings):
     sources: list[SourceConfig] = Field(default_factory=list)
     profiles: dict[str, ProfileConfig] = Field(default_factory=dict)
     devices: list[DeviceConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _one_source_per_serial_port(self) -> GatewayConfig:
+        # Two sources on one port would fight for its exclusive lock: one of them forever "busy".
+        ports: dict[str, str] = {}
+        for source in self.sources:
+            if isinstance(source, _SerialPortFields):
+                other = ports.setdefault(source.port, source.name)
+                if other != source.name:
+                    raise FieldCheckError(
+                        "sources",
+                        source.port,
+                        f"sources {other!r} and {source.name!r} use the same serial port: one "
+                        f"source per port (several Modbus slaves share one modbus_rtu source)",
+                    )
+        return self
 
     @model_validator(mode="after")
     def _devices_name_profiles(self) -> GatewayConfig:
@@ -675,6 +775,40 @@ def _check_files(cfg: GatewayConfig, environ: Mapping[str, str] | None) -> list[
         if problem:
             problems.append(f"profiles.{profile_name}.codec: {problem} (got: {profile.codec!r})")
     return problems
+
+
+def check_ports(cfg: GatewayConfig) -> tuple[list[str], list[str]]:
+    """The serial ports of the config as they are on this machine: (errors, warnings).
+
+    A port without permission, or a path that is not a serial device, is an error a restart
+    will not fix. A missing port is only a warning: the sensor may be unplugged while the
+    technician checks, and the gateway waits for it. Nothing is opened (the running gateway
+    may hold the port).
+    """
+    from drivers.serial_port import port_problem  # noqa: PLC0415 -- only check-config needs it
+
+    errors: list[str] = []
+    warnings: list[str] = []
+    seen: dict[str, int] = {}
+    for index, source in enumerate(cfg.sources):
+        if not isinstance(source, _SerialPortFields):
+            continue
+        where = f"sources[{index}].port"
+        got = f"(got: {source.port!r})"
+        problem = port_problem(source.port)
+        if problem is None:
+            node = os.path.realpath(source.port)
+            if node in seen:
+                errors.append(
+                    f"{where}: the same device as sources[{seen[node]}].port ({node}); "
+                    f"one source per port {got}"
+                )
+            seen.setdefault(node, index)
+        elif problem.kind == "missing":
+            warnings.append(f"{where}: {problem} {got}")
+        else:
+            errors.append(f"{where}: {problem} {got}")
+    return errors, warnings
 
 
 def _codec_problem(codec: str) -> str | None:

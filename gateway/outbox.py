@@ -64,6 +64,12 @@ _EVICT_CHUNK = 1000
 _ACK_CHUNK = 900
 # A commit group of at least this many rows is written at once, without lingering.
 _LINGER_BELOW_ROWS = 64
+# ... and so is a group that holds this many upstream messages unacknowledged (see put_many's
+# ``holding``). A sender's in-flight window bounds how many of those can exist at all (mosquitto
+# sends a client at most max_inflight_messages = 20 unacknowledged QoS 1 messages): once half of
+# it waits on this commit, no company worth waiting for can arrive, and lingering would only stall
+# the sender. A trickle (a few messages per linger window) still lingers and coalesces.
+_LINGER_BELOW_HELD = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +117,8 @@ class _PendingPut:
 
     rows: list[_Row]
     done: asyncio.Future[None]
+    # Upstream messages left unacknowledged until this put commits (see put_many).
+    holding: int = 0
 
 
 class Outbox:
@@ -259,23 +267,30 @@ class Outbox:
         """Store an event durably; returns once it is committed."""
         await self.put_many([event])
 
-    async def put_many(self, events: Iterable[Event]) -> None:
-        """Store events durably in one commit; returns once they are committed."""
+    async def put_many(self, events: Iterable[Event], *, holding: int = 0) -> None:
+        """Store events durably in one commit; returns once they are committed.
+
+        ``holding``: how many upstream messages the caller leaves unacknowledged until this
+        commit (the ChirpStack source acknowledges its broker's QoS 1 messages only then). Their
+        sender cannot send more than its in-flight window, so a group holding many of them is
+        committed without lingering for company that cannot come.
+        """
         now_ms = int(self._clock() * 1000)
-        rows = [_Row(e.lane, e.kind, e.event_id, now_ms, encode(e, self._encoding)) for e in events]
-        await self._submit(rows)
+        encoding = self._encoding
+        rows = [_Row(e.lane, e.kind, e.event_id, now_ms, encode(e, encoding)) for e in events]
+        await self._submit(rows, holding)
 
     async def put_encoded(self, lane: Lane, kind: str, event_id: str, payload: bytes) -> None:
         """Store one already-encoded event durably (benchmarks use it to skip encoding)."""
         await self._submit([_Row(lane, kind, event_id, int(self._clock() * 1000), payload)])
 
-    async def _submit(self, rows: list[_Row]) -> None:
+    async def _submit(self, rows: list[_Row], holding: int = 0) -> None:
         if self._writer is None or self._writer.done():
             raise OutboxError(f"outbox {self._path} is not open")
         if not rows:
             return
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append(_PendingPut(rows, done))
+        self._pending.append(_PendingPut(rows, done, holding))
         self._idle.clear()
         self._wake.set()
         await done
@@ -374,11 +389,13 @@ class Outbox:
             # Linger only while the group is small: rows that piled up while the previous commit
             # ran are a good group already (a producer awaiting put() adds nothing until it
             # commits), so waiting would only add latency. A small group waits up to linger_s
-            # for company; an alarm, closing, or the group reaching _LINGER_BELOW_ROWS ends it.
+            # for company; an alarm, closing, the group reaching _LINGER_BELOW_ROWS, or it holding
+            # _LINGER_BELOW_HELD upstream messages (whose sender is waiting for us) ends it.
             deadline = time.monotonic() + linger_s
             while (
                 not self._urgent()
                 and self._pending_rows() < _LINGER_BELOW_ROWS
+                and self._pending_holding() < _LINGER_BELOW_HELD
                 and (remaining := deadline - time.monotonic()) > 0
             ):
                 with contextlib.suppress(TimeoutError):
@@ -418,6 +435,9 @@ class Outbox:
 
     def _pending_rows(self) -> int:
         return sum(len(put.rows) for put in self._pending)
+
+    def _pending_holding(self) -> int:
+        return sum(put.holding for put in self._pending)
 
     def _take_batch(self) -> list[_PendingPut]:
         # A put_many is never split across commits, so its single future is honest.

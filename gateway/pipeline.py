@@ -6,13 +6,19 @@ events). One task takes whatever has queued up and stores it with one ``put_many
 costs one commit, not one per item. An optional ``on_stored`` callback runs once the item's event
 is committed: the ChirpStack source acknowledges the broker's message only then, so a crash
 between receipt and commit loses nothing.
+
+The task does not wait for one group's commit before handing over the next: groups that arrive
+while the outbox lingers or commits join its next commit (the outbox never splits a group), and
+``on_stored`` callbacks still run in the order the items were submitted. At most ``queue_max``
+items are handed over and not yet committed; beyond that the task waits, the queue fills, and
+the overflow policy applies as before.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -34,7 +40,17 @@ OnStored = Callable[[], None]
 
 def reading_to_event(reading: Reading) -> Event:
     """A reading forwarded as it is: one ``reading`` event with the same values and flags."""
-    event = Event(
+    if reading.event_id is not None:
+        return Event(
+            kind="reading",
+            device=reading.device,
+            ts=reading.ts,
+            severity=Severity.INFO,
+            values=reading.values,
+            quality=reading.quality,
+            event_id=reading.event_id,
+        )
+    return Event(
         kind="reading",
         device=reading.device,
         ts=reading.ts,
@@ -42,9 +58,6 @@ def reading_to_event(reading: Reading) -> Event:
         values=reading.values,
         quality=reading.quality,
     )
-    if reading.event_id is not None:
-        event = dataclasses.replace(event, event_id=reading.event_id)
-    return event
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,24 +97,42 @@ class Pipeline:
         return self._queue.qsize()
 
     async def run(self) -> None:
-        while True:
-            self.heartbeat()
-            try:
-                # asyncio.timeout rather than wait_for: 3.11's wait_for can lose a cancellation
-                # that arrives in the same loop turn as the result.
-                async with asyncio.timeout(1.0):
-                    first = await self._queue.get()
-            except TimeoutError:
-                continue
-            batch = [first]
-            while len(batch) < _MAX_BATCH and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            items = [i for i in batch if i is not None]
-            if items:
-                await self._store(items)
-            if len(items) != len(batch):
-                # The end marker is queued after the last item of the last source.
-                return
+        # Groups handed to the outbox and not committed yet, oldest first, with their sizes.
+        storing: deque[tuple[asyncio.Task[None], int]] = deque()
+        in_flight = 0
+        try:
+            while True:
+                self.heartbeat()
+                try:
+                    # asyncio.timeout rather than wait_for: 3.11's wait_for can lose a
+                    # cancellation that arrives in the same loop turn as the result.
+                    async with asyncio.timeout(1.0):
+                        first = await self._queue.get()
+                except TimeoutError:
+                    continue
+                batch = [first]
+                while len(batch) < _MAX_BATCH and not self._queue.empty():
+                    batch.append(self._queue.get_nowait())
+                items = [i for i in batch if i is not None]
+                if items:
+                    # Tasks start in creation order, so the groups reach the outbox in order.
+                    task = asyncio.create_task(self._store(items), name="pipeline-store")
+                    storing.append((task, len(items)))
+                    in_flight += len(items)
+                while storing and (storing[0][0].done() or in_flight > self._cfg.queue_max):
+                    task, size = storing.popleft()
+                    in_flight -= size
+                    await task
+                if len(items) != len(batch):
+                    # The end marker is queued after the last item of the last source.
+                    while storing:
+                        await storing.popleft()[0]
+                    return
+        finally:
+            # Cancelled (or failed): what was handed over may still commit, but its callbacks
+            # must not run after the pipeline is gone; unacknowledged input is redelivered.
+            for task, _size in storing:
+                task.cancel()
 
     async def _store(self, items: list[_Item]) -> None:
         events: list[Event] = []
@@ -116,8 +147,9 @@ class Pipeline:
                 self._metrics.inc("readings_invalid")
                 log.warning("reading_invalid", device=item.payload.device, error=str(exc))
         if events:
+            holding = sum(1 for item in items if item.on_stored is not None)
             try:
-                await self._outbox.put_many(events)
+                await self._outbox.put_many(events, holding=holding)
             except OutboxError as exc:
                 self._metrics.inc("events_lost_outbox_error", len(events))
                 log.error("events_not_stored", n=len(events), error=str(exc))

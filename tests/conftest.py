@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.mosquitto import Mosquitto, require_mosquitto
+from tests.support.socat import PtyPair, require_socat
 
 
 @pytest.fixture
@@ -28,3 +29,11 @@ def mosquitto_tls(tmp_path: Path) -> Iterator[Mosquitto]:
     require_mosquitto()
     with Mosquitto(tmp_path / "broker", tls=True) as broker:
         yield broker
+
+
+@pytest.fixture
+def pty_pair(tmp_path: Path) -> Iterator[PtyPair]:
+    """A started socat pty pair: the gateway opens ``.sensor``, the simulator writes on ``.sim``."""
+    require_socat()
+    with PtyPair(tmp_path / "pty") as pair:
+        yield pair

@@ -11,6 +11,7 @@ import itertools
 import os
 import queue
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -25,6 +26,7 @@ import pytest
 
 import gateway
 from gateway.wire import Encoding, decode
+from tests.support.socat import require_socat
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "systemd" / "gateway.example.toml"
@@ -334,6 +336,34 @@ def test_demo_prints_the_event_stream(tmp_path: Path) -> None:
     climate = [e for e in events if e.device == "a84041000181c072"]
     assert climate
     assert {m.name for m in climate[0].values} >= {"air_temperature", "relative_humidity"}
+    # The serial weather station (a simulator on a socat pty pair): eleven of its twelve lines,
+    # in order; the line with a flipped digit fails its checksum, is logged and not forwarded.
+    station = [e for e in events if e.device == "weather-station-anduze"]
+    if shutil.which("socat") is None:
+        assert not station
+        assert "socat not installed, skipping the serial weather station" in result.stderr
+        require_socat()  # skips here (the rest was checked), fails under CI
+    assert [e.kind for e in station] == ["reading"] * 11
+    temperatures = [next(m.value for m in e.values if m.name == "air_temperature") for e in station]
+    assert temperatures == [14.2, 14.6, 15.1, 15.9, 17.4, 18.1, 18.9, 19.6, 20.2, 20.9, 21.4]
+    assert {(m.name, m.unit) for m in station[0].values} == {
+        ("air_temperature", "Cel"),
+        ("relative_humidity", "%"),
+        ("air_pressure", "hPa"),
+    }
+    assert "checksum_mismatch" in result.stderr
+    assert "serial_lost" not in result.stdout
+
+
+def test_demo_without_socat_skips_the_weather_station(tmp_path: Path) -> None:
+    # No socat on PATH (the interpreter is started by its full path, so it still runs).
+    result = cli("demo", "--interval", "0", cwd=tmp_path, env=clean_env(PATH=str(tmp_path)))
+    assert result.returncode == 0, result.stderr
+    assert_no_traceback(result)
+    assert "socat not installed, skipping the serial weather station" in result.stderr
+    events = [decode(line.encode(), Encoding.JSON) for line in result.stdout.splitlines()]
+    assert not [e for e in events if e.device == "weather-station-anduze"]
+    assert len([e for e in events if e.device == "hubeau-V714401001"]) == 144
 
 
 def test_version(tmp_path: Path) -> None:
