@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Discriminator,
@@ -228,6 +229,16 @@ class ReplaySourceConfig(_Section):
 
 _DEV_EUI = re.compile(r"^[0-9a-fA-F]{16}$")
 _MEASUREMENT_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+
+
+def _measurement_name(value: str) -> str:
+    if not _MEASUREMENT_NAME.match(value):
+        raise ValueError("must be lower_snake_case (a-z, 0-9, _), at most 64 characters")
+    return value
+
+
+# The name of a measurement in events: checked here so a typo fails at check-config, not later.
+MeasurementName = Annotated[str, AfterValidator(_measurement_name)]
 _LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1"}
 
 
@@ -319,17 +330,10 @@ class AsciiFieldConfig(_Section):
         min_length=1,
         description="regex: the named group; keyvalue: the key; csv: the 0-based column.",
     )
-    name: str
+    name: MeasurementName
     unit: str | None = None
     scale: float = 1.0
     offset: float = 0.0
-
-    @field_validator("name")
-    @classmethod
-    def _snake(cls, value: str) -> str:
-        if not _MEASUREMENT_NAME.match(value):
-            raise ValueError("must be lower_snake_case (a-z, 0-9, _), at most 64 characters")
-        return value
 
 
 class SerialAsciiSourceConfig(_SerialPortFields):
@@ -392,7 +396,7 @@ class SerialAsciiSourceConfig(_SerialPortFields):
 class ModbusRegisterConfig(_Section):
     """One value read from a Modbus slave."""
 
-    name: str
+    name: MeasurementName
     address: int = Field(ge=0, le=65535, description="0-based register address (PDU address).")
     table: Literal["holding", "input"] = "holding"
     data_type: Literal["int16", "uint16", "int32", "uint32", "float32"] = "uint16"
@@ -403,13 +407,6 @@ class ModbusRegisterConfig(_Section):
     unit: str | None = None
     scale: float = 1.0
     offset: float = 0.0
-
-    @field_validator("name")
-    @classmethod
-    def _snake(cls, value: str) -> str:
-        if not _MEASUREMENT_NAME.match(value):
-            raise ValueError("must be lower_snake_case (a-z, 0-9, _), at most 64 characters")
-        return value
 
 
 class ModbusSlaveConfig(_Section):
@@ -515,19 +512,12 @@ class FieldMapConfig(_Section):
     """One decoded field → one measurement (value x scale + offset)."""
 
     field: str = Field(min_length=1, description="Dotted path in the decoder output.")
-    name: str = Field(description="Measurement name, lower_snake_case.")
+    name: MeasurementName = Field(description="Measurement name, lower_snake_case.")
     unit: str | None = Field(None, description="UCUM unit code, e.g. cm, Cel, %, V.")
     scale: float = 1.0
     offset: float = 0.0
     valid_min: float | None = None
     valid_max: float | None = None
-
-    @field_validator("name")
-    @classmethod
-    def _snake(cls, value: str) -> str:
-        if not _MEASUREMENT_NAME.match(value):
-            raise ValueError("must be lower_snake_case (a-z, 0-9, _), at most 64 characters")
-        return value
 
 
 class WaterLevelConfig(_Section):
