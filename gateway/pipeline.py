@@ -82,12 +82,13 @@ class Pipeline:
 
         An item evicted by drop_oldest never calls its ``on_stored``.
         """
-        self._metrics.inc("readings_in" if isinstance(item, Reading) else "source_events_in")
         if self._cfg.overflow == "drop_oldest" and self._queue.full():
             with contextlib.suppress(asyncio.QueueEmpty):
                 self._queue.get_nowait()
                 self._metrics.inc("readings_dropped_queue_full")
         await self._queue.put(_Item(item, on_stored))
+        # Counted once queued: a source cancelled while blocked on a full queue handed nothing in.
+        self._metrics.inc("readings_in" if isinstance(item, Reading) else "source_events_in")
 
     async def close(self) -> None:
         """No more items will come: :meth:`run` returns once everything queued is stored."""
