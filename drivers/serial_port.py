@@ -336,6 +336,7 @@ class PortTransport(asyncio.Transport):
         return False
 
     def write_eof(self) -> None:
+        # asyncio's WriteTransport contract: can_write_eof() is False, so nobody should call this.
         raise NotImplementedError("a serial port has no end-of-file")
 
     # -- closing ---------------------------------------------------------------------------------

@@ -233,6 +233,22 @@ def line_parser(cfg: SerialAsciiSourceConfig) -> LineParser:
     )
 
 
+def modbus_slaves(cfg: ModbusRtuSourceConfig) -> list[ModbusSlave]:
+    """The driver's view of a modbus_rtu source's slaves (field names match one to one)."""
+    return [
+        ModbusSlave(
+            device_id=s.device_id,
+            device=s.device,
+            registers=tuple(ModbusRegister(**r.model_dump()) for r in s.registers),
+            poll_interval_s=s.poll_interval_s,
+            timeout_s=s.timeout_s,
+            retries=s.retries,
+            backoff_max_s=s.backoff_max_s,
+        )
+        for s in cfg.slaves
+    ]
+
+
 def build_serial_source(
     cfg: SerialAsciiSourceConfig | ModbusRtuSourceConfig | Sdi12SourceConfig,
 ) -> Source:
@@ -249,20 +265,8 @@ def build_serial_source(
         )
         return Source(cfg.name, source)
     if isinstance(cfg, ModbusRtuSourceConfig):
-        slaves = [
-            ModbusSlave(
-                device_id=s.device_id,
-                device=s.device,
-                registers=tuple(ModbusRegister(**r.model_dump()) for r in s.registers),
-                poll_interval_s=s.poll_interval_s,
-                timeout_s=s.timeout_s,
-                retries=s.retries,
-                backoff_max_s=s.backoff_max_s,
-            )
-            for s in cfg.slaves
-        ]
         try:
-            modbus = ModbusRtuSource(cfg.name, serial_settings(cfg), slaves)
+            modbus = ModbusRtuSource(cfg.name, serial_settings(cfg), modbus_slaves(cfg))
         except ValueError as exc:
             raise ConfigError(f"sources.{cfg.name}", [str(exc)]) from exc
         return Source(cfg.name, modbus)

@@ -28,7 +28,7 @@ from gateway.config import PipelineSection
 from gateway.errors import EventValidationError, OutboxError
 from gateway.health import Metrics
 from gateway.outbox import Outbox
-from gateway.types import Event, Reading, Severity
+from gateway.types import Event, Reading, Severity, new_event_id
 
 log = structlog.get_logger(__name__)
 
@@ -40,16 +40,6 @@ OnStored = Callable[[], None]
 
 def reading_to_event(reading: Reading) -> Event:
     """A reading forwarded as it is: one ``reading`` event with the same values and flags."""
-    if reading.event_id is not None:
-        return Event(
-            kind="reading",
-            device=reading.device,
-            ts=reading.ts,
-            severity=Severity.INFO,
-            values=reading.values,
-            quality=reading.quality,
-            event_id=reading.event_id,
-        )
     return Event(
         kind="reading",
         device=reading.device,
@@ -57,6 +47,7 @@ def reading_to_event(reading: Reading) -> Event:
         severity=Severity.INFO,
         values=reading.values,
         quality=reading.quality,
+        event_id=reading.event_id or new_event_id(),
     )
 
 

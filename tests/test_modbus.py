@@ -339,6 +339,7 @@ def test_data_types_are_the_config_ones() -> None:
 
 def test_config_models_map_onto_the_driver_dataclasses() -> None:
     """How gateway.app builds the source: the field names match one to one."""
+    from gateway.app import modbus_slaves, serial_settings
     from gateway.config import ModbusRtuSourceConfig
 
     cfg = ModbusRtuSourceConfig.model_validate(
@@ -361,18 +362,7 @@ def test_config_models_map_onto_the_driver_dataclasses() -> None:
             ],
         }
     )
-    slaves = [
-        ModbusSlave(
-            device_id=s.device_id,
-            device=s.device,
-            registers=tuple(ModbusRegister(**r.model_dump()) for r in s.registers),
-            poll_interval_s=s.poll_interval_s,
-            timeout_s=s.timeout_s,
-            retries=s.retries,
-        )
-        for s in cfg.slaves
-    ]
-    settings = SerialSettings(cfg.port, cfg.baud, cfg.bytesize, cfg.parity, cfg.stopbits)
-    source = ModbusRtuSource(cfg.name, settings, slaves)
+    slaves = modbus_slaves(cfg)
+    source = ModbusRtuSource(cfg.name, serial_settings(cfg), slaves)
     assert source.stats()["slaves"][0]["device"] == "level_probe"
     assert slaves[0].registers[0] == ModbusRegister("level", 0, data_type="float32", unit="m")
