@@ -38,3 +38,10 @@ class SourceError(GatewayError):
 
 class CodecError(GatewayError, ValueError):
     """A payload cannot be decoded by its codec (truncated, malformed, unknown port, ...)."""
+
+
+class ModelError(GatewayError):
+    """A model card or model file cannot be used (bad card, wrong digest or signature, failed run).
+
+    The message names the card or model file first: ``FILE: key: problem (got: value)``.
+    """
