@@ -129,6 +129,64 @@ class OutboxSection(_Section):
     )
 
 
+class InferenceSection(_Section):
+    """On-device inference: the CPU budget, timeouts, and the model cards to verify and load."""
+
+    threads: int = Field(
+        1, ge=1, le=64, description="CPU threads that all model runs together may use."
+    )
+    intra_op_threads: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Threads one model run may use; threads // intra_op_threads runs go at once.",
+    )
+    timeout_ms: float = Field(
+        1000.0,
+        gt=0,
+        le=600_000,
+        description="A call that waits and runs longer fails (counted); its result is dropped.",
+    )
+    max_batch: int = Field(
+        32,
+        ge=1,
+        le=4096,
+        description="Queued calls to one model stacked into one run (models with a batch dim).",
+    )
+    models_dir: Path | None = Field(
+        None,
+        description="Base of relative card paths; empty: the models shipped with edge-gateway.",
+    )
+    cards: list[Path] = Field(
+        default_factory=list,
+        description="Cards to verify (sha256, signature, warm-up) and load at start; one that "
+        "fails is logged and left out.",
+    )
+    shadow: dict[str, Path] = Field(
+        default_factory=dict,
+        description="Model name -> candidate card run beside it on the same inputs: compared in "
+        "stats, never deciding.",
+    )
+
+    @model_validator(mode="after")
+    def _budget(self) -> InferenceSection:
+        if self.intra_op_threads > self.threads:
+            raise FieldCheckError(
+                "intra_op_threads", self.intra_op_threads, "must be at most threads"
+            )
+        return self
+
+    def card_path(self, card: Path) -> Path:
+        """A configured card path resolved against models_dir (or the shipped models)."""
+        if card.is_absolute():
+            return card
+        if self.models_dir is not None:
+            return self.models_dir / card
+        import models  # noqa: PLC0415 -- only to locate the shipped model files
+
+        return Path(models.__file__).parent / card
+
+
 class TlsSection(_Section):
     """TLS towards the broker."""
 
@@ -590,6 +648,7 @@ class GatewayConfig(BaseSettings):
     gateway: GatewaySection = GatewaySection()
     pipeline: PipelineSection = PipelineSection()
     outbox: OutboxSection = OutboxSection()
+    inference: InferenceSection = InferenceSection()
     uplink: UplinkConfig = MqttUplinkConfig()
     sources: list[SourceConfig] = Field(default_factory=list)
     profiles: dict[str, ProfileConfig] = Field(default_factory=dict)

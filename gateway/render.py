@@ -122,7 +122,7 @@ def _render_model(
 def render_config(cfg: GatewayConfig) -> str:
     """The given config as commented TOML (secrets masked)."""
     lines: list[str] = [HEADER]
-    for name in ("gateway", "pipeline", "outbox"):
+    for name in ("gateway", "pipeline", "outbox", "inference"):
         _render_model(getattr(cfg, name), name, lines)
         lines.append("")
     _render_model(cfg.uplink, "uplink", lines)

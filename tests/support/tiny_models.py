@@ -130,3 +130,44 @@ def linear_card(
         overrides["inputs"] = [{"name": "x", "shape": [batch, 4], "dtype": "float32"}]
         overrides["outputs"] = [{"name": "y", "shape": [batch, 2], "dtype": "float32"}]
     return write_card(directory / f"{name}.toml", linear_card_data(model, **overrides))
+
+
+def gather_table(rows: int = 10, width: int = 3) -> Any:
+    """The table ``gather_model`` looks rows up in: row i holds i, i + 0.1, i + 0.2, ..."""
+    return (np.arange(rows)[:, None] + 0.1 * np.arange(width)[None, :]).astype(np.float32)
+
+
+def gather_model(path: Path, *, rows: int = 10, width: int = 3) -> Path:
+    """y = table[idx]: idx int64 [batch, 1] -> y float32 [batch, 1, width].
+
+    An index outside the table fails the run (only for the call that carries it): a batchable
+    model that fails at run time depending on its input.
+    """
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "idx"], ["y"], axis=0)],
+        "gather",
+        [helper.make_tensor_value_info("idx", TensorProto.INT64, ["batch", 1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 1, width])],
+        initializer=[numpy_helper.from_array(gather_table(rows, width), "table")],
+    )
+    return _save(graph, path)
+
+
+def gather_card(
+    directory: Path, name: str = "tiny_gather", *, rows: int = 10, **overrides: Any
+) -> Path:
+    """A gather model file (``rows`` table rows) and its card; returns the card path."""
+    model = gather_model(directory / f"{name}-{rows}.onnx", rows=rows)
+    data: dict[str, Any] = {
+        "name": name,
+        "version": "1.0.0",
+        "task": "lookup",
+        "file": model.name,
+        "sha256": sha256_file(model),
+        "inputs": [{"name": "idx", "shape": ["batch", 1], "dtype": "int64"}],
+        "outputs": [{"name": "y", "shape": ["batch", 1, 3], "dtype": "float32"}],
+        "licence": "Apache-2.0",
+        "training_data": "none: a fixed table",
+    }
+    data.update(overrides)
+    return write_card(directory / f"{name}-{rows}.toml", data)
