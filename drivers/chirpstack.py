@@ -10,18 +10,15 @@ from ChirpStack's ``deduplicationId`` turns that redelivery into a duplicate, no
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import socket
 import ssl
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-import aiomqtt
 import structlog
 from chirpstack_api import integration
 from google.protobuf import json_format
@@ -29,6 +26,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_ji
 
 from drivers.lorawan import ChirpStackMessage, Finding, LinkTracker, Profile, parse_message
 from drivers.lorawan import message_time as _message_time
+from drivers.mqtt_intake import MqttIntake, MqttIntakeError, MqttRefusedError
 from gateway.errors import CodecError, TerminalUplinkError
 from gateway.types import (
     Emit,
@@ -42,8 +40,8 @@ from gateway.types import (
 
 log = structlog.get_logger(__name__)
 
-# CONNACK codes a retry cannot fix (see gateway.uplink for the list's origin).
-_TERMINAL_CONNACK = {4, 5, 134, 135, 138, 140}
+# CONNACK codes a retry cannot fix: bad credentials, not authorised (MQTT 3.1.1 §3.2.2.3).
+_TERMINAL_CONNACK = {4, 5}
 _SILENT_CHECK_S = 5.0
 _LOG_SEVERITY = {"INFO": Severity.INFO, "WARNING": Severity.WARNING, "ERROR": Severity.ALARM}
 
@@ -97,6 +95,9 @@ class BrokerSettings:
     keepalive_s: int = 60
     reconnect_min_s: float = 1.0
     reconnect_max_s: float = 30.0
+    # Messages received and not yet acknowledged (committed) before reading pauses: bounds
+    # memory while the broker pushes a backlog; the broker keeps the rest for the session.
+    max_unacked: int = 1000
 
 
 # LoRaWAN's largest application payload (DR with 242-byte MACPayload limit, minus nothing for
@@ -129,12 +130,6 @@ class _SessionLostError(Exception):
     """The broker connection failed or dropped; retried with backoff."""
 
 
-def _is_terminal(exc: aiomqtt.MqttError) -> bool:
-    rc = getattr(exc, "rc", None)
-    value = getattr(rc, "value", rc)
-    return "onnect" in type(exc).__name__ and value in _TERMINAL_CONNACK
-
-
 class ChirpStackSource:
     """Turns ChirpStack integration events into readings and link-health events."""
 
@@ -156,7 +151,7 @@ class ChirpStackSource:
         self._unknown_reported: set[str] = set()
         self.counters: dict[str, int] = {}
         self.connected = asyncio.Event()
-        self._client: aiomqtt.Client | None = None
+        self._client: MqttIntake | None = None
         self._budget = DownlinkBudget(downlink_daily_cap)
         self._rules: dict[str, DeviceRule] = {}
 
@@ -204,53 +199,61 @@ class ChirpStackSource:
 
     async def _session(self, emit: Emit, report_error: ReportError) -> None:
         broker = self._broker
-        client = aiomqtt.Client(
-            broker.host,
-            broker.port,
-            identifier=broker.client_id,
-            username=broker.username,
-            password=broker.password(),
-            # A persistent session: the broker keeps our subscription and queues uplinks while
-            # the gateway restarts.
-            clean_session=False,
-            keepalive=broker.keepalive_s,
-            tls_context=broker.tls_context(),
-        )
-        # Acknowledge only after the outbox commit. aiomqtt has no public switch for paho's
-        # manual acknowledgement, so its paho client is configured directly.
-        paho = client._client
-        paho.manual_ack_set(True)
         try:
-            async with client:
-                await client.subscribe(broker.topic, qos=1)
-                self._client = client
-                self.connected.set()
-                log.info(
-                    "chirpstack_connected", source=self.name, host=broker.host, port=broker.port
-                )
-                quick_ack = _quick_ack(paho.socket())
-                async with asyncio.TaskGroup() as tg:
-                    tg.create_task(self._watch_silence(emit), name=f"{self.name}-silence")
-                    async for message in _messages(client):
-                        quick_ack()
-                        await self._handle(message, emit, report_error, paho)
-        except aiomqtt.MqttError as exc:
-            self.connected.clear()
-            self._client = None
-            if _is_terminal(exc):
+            client = await MqttIntake.connect(
+                broker.host,
+                broker.port,
+                broker.client_id,
+                username=broker.username,
+                password=broker.password(),
+                # A persistent session: the broker keeps our subscription and queues uplinks
+                # while the gateway restarts.
+                clean_session=False,
+                keepalive_s=broker.keepalive_s,
+                tls_context=broker.tls_context(),
+                max_unacked=broker.max_unacked,
+            )
+        except MqttRefusedError as exc:
+            if exc.rc in _TERMINAL_CONNACK:
                 raise TerminalUplinkError(
                     f"source {self.name}: broker {broker.host}:{broker.port} refused: {exc}"
                 ) from exc
             log.warning("chirpstack_disconnected", source=self.name, error=str(exc))
             raise _SessionLostError(str(exc)) from exc
+        except MqttIntakeError as exc:
+            log.warning("chirpstack_disconnected", source=self.name, error=str(exc))
+            raise _SessionLostError(str(exc)) from exc
+        try:
+            # Re-subscribing on every connect: harmless with a kept session, needed without.
+            await client.subscribe(broker.topic, qos=1)
+            self._client = client
+            self.connected.set()
+            log.info("chirpstack_connected", source=self.name, host=broker.host, port=broker.port)
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._watch_silence(emit), name=f"{self.name}-silence")
+                while True:
+                    for message in await client.batch():
+                        await self._process(
+                            message.topic,
+                            message.payload,
+                            emit,
+                            report_error,
+                            client.acker(message),
+                        )
+        except MqttIntakeError as exc:
+            log.warning("chirpstack_disconnected", source=self.name, error=str(exc))
+            raise _SessionLostError(str(exc)) from exc
         except BaseExceptionGroup as group:
-            self.connected.clear()
-            self._client = None
-            leaves = [e for e in group.exceptions if isinstance(e, aiomqtt.MqttError)]
+            leaves = [e for e in group.exceptions if isinstance(e, MqttIntakeError)]
             task = asyncio.current_task()
             if len(leaves) != len(group.exceptions) or (task is not None and task.cancelling()):
                 raise
+            log.warning("chirpstack_disconnected", source=self.name, error=str(leaves[0]))
             raise _SessionLostError(str(leaves[0])) from group
+        finally:
+            self.connected.clear()
+            self._client = None
+            await client.close()
 
     def knows(self, dev_eui: str) -> bool:
         """Whether this source has heard the device (and so can send it a downlink)."""
@@ -299,26 +302,12 @@ class ChirpStackSource:
         try:
             # ChirpStack's MQTT integration takes the JSON mapping of DownlinkCommand.
             body = json_format.MessageToJson(command, indent=None).encode()
-            await client.publish(topic, body, qos=1, timeout=10)
-        except aiomqtt.MqttError as exc:
+            await client.publish(topic, body, qos=1, timeout_s=10)
+        except MqttIntakeError as exc:
             raise DownlinkRejectedError(f"broker did not take the downlink: {exc}") from exc
         self._count("downlinks_queued")
         log.info("downlink_queued", device=dev_eui, f_port=f_port, id=downlink_id, n=len(payload))
         return downlink_id
-
-    async def _handle(
-        self, message: aiomqtt.Message, emit: Emit, report_error: ReportError, paho: Any
-    ) -> None:
-        mid, qos = message.mid, message.qos
-
-        def ack() -> None:
-            if qos > 0:
-                # The session may be gone by the time the commit lands; the broker then
-                # redelivers, and the stable event id makes that a harmless duplicate.
-                paho.ack(mid, qos)
-
-        payload = message.payload if isinstance(message.payload, bytes) else b""
-        await self._process(str(message.topic), payload, emit, report_error, ack)
 
     async def _process(
         self,
@@ -395,7 +384,7 @@ class ChirpStackSource:
         # deduplicationId names one radio frame however many gateways heard it; without it,
         # devEui + fCnt within the window does the same job.
         key = msg.deduplication_id or f"{dev_eui}:{msg.f_cnt}"
-        if self._tracker.is_duplicate(key, now):
+        if self._tracker.is_duplicate(dev_eui, msg.f_cnt, msg.deduplication_id, now):
             self._count("duplicates")
             return []
         info = msg.device_info
@@ -479,60 +468,6 @@ class ChirpStackSource:
             for finding in self._tracker.check_silent(now):
                 log.warning("device_silent", source=self.name, device=finding.dev_eui)
                 await emit(self._finding(finding, ts, f"silent:{finding.dev_eui}:{int(now)}"))
-
-
-def _quick_ack(sock: Any) -> Callable[[], None]:
-    """Have the kernel acknowledge what the broker sent at once, not after up to 40 ms.
-
-    The PUBACK waits for the outbox commit, so for a while no data goes back to the broker that
-    the TCP acknowledgement could ride on, and Linux delays a lone ACK. mosquitto's default
-    ``set_tcp_nodelay false`` (Nagle) then holds the next uplink until that ACK arrives: at a few
-    hundred uplinks/s that alone doubled the ingest-to-publish latency (p50 35 ms instead of 15 ms
-    in bench/chirpstack_ingest.py). TCP_QUICKACK sends the pending ACK now; Linux clears it again
-    by itself, hence one call per message.
-    """
-    option = getattr(socket, "TCP_QUICKACK", None)
-    if option is None or sock is None:
-        return lambda: None
-
-    def quick_ack() -> None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, option, 1)
-
-    return quick_ack
-
-
-async def _messages(client: aiomqtt.Client) -> AsyncIterator[aiomqtt.Message]:
-    """``client.messages``, without a task and an ``asyncio.wait`` per message.
-
-    aiomqtt's iterator starts a task for every message to wait for it or for the disconnect
-    (about 12 us each, a tenth of the source's time at a few thousand uplinks/s). Here the
-    disconnect puts an end marker into the same queue instead, and messages are awaited directly.
-    Like ``client._client`` above this uses aiomqtt internals (``_queue``, ``_disconnected``);
-    without them it falls back to the public iterator.
-    """
-    queue = getattr(client, "_queue", None)
-    disconnected = getattr(client, "_disconnected", None)
-    if not isinstance(queue, asyncio.Queue) or not isinstance(disconnected, asyncio.Future):
-        async for message in client.messages:
-            yield message
-        return
-    end = object()
-
-    def on_disconnect(_future: asyncio.Future[Any]) -> None:
-        queue.put_nowait(end)
-
-    disconnected.add_done_callback(on_disconnect)
-    try:
-        while True:
-            message = await queue.get()
-            if message is end:
-                # What aiomqtt's iterator raises when the connection is gone.
-                cause = None if disconnected.cancelled() else disconnected.exception()
-                raise aiomqtt.MqttError("Disconnected during message iteration") from cause
-            yield message
-    finally:
-        disconnected.remove_done_callback(on_disconnect)
 
 
 def _best_signal(msg: Any) -> tuple[float | None, float | None]:

@@ -15,7 +15,7 @@ import json
 import math
 import re
 import sys
-from collections import OrderedDict
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -42,6 +42,8 @@ EVENT_TYPES: dict[str, type[Message]] = {
 _FCNT_MODULO = 1 << 32
 # A jump backwards larger than this is a reset (re-join), not a late duplicate.
 _FCNT_WRAP_SLACK = 1 << 16
+# Frames remembered per device for de-duplication (see LinkTracker.is_duplicate).
+_RECENT_FRAMES = 16
 
 Codec = Callable[[int, bytes], dict[str, Any]]
 
@@ -408,6 +410,10 @@ class DeviceLink:
     uplinks: int = 0
     missed: int = 0
     application_id: str | None = None
+    # The device's most recent frames as (fCnt, hash of deduplicationId or 0, time seen).
+    recent: deque[tuple[int, int, float]] = field(
+        default_factory=lambda: deque(maxlen=_RECENT_FRAMES)
+    )
 
 
 class LinkTracker:
@@ -416,7 +422,6 @@ class LinkTracker:
     def __init__(self, dedup_window_s: float = 600.0, silent_factor: float = 2.5) -> None:
         self._window_s = dedup_window_s
         self._silent_factor = silent_factor
-        self._seen: OrderedDict[str, float] = OrderedDict()
         self.devices: dict[str, DeviceLink] = {}
 
     def device(self, dev_eui: str) -> DeviceLink:
@@ -426,16 +431,27 @@ class LinkTracker:
             link = self.devices[dev_eui] = DeviceLink()
         return link
 
-    def is_duplicate(self, key: str, now: float) -> bool:
-        """True when ``key`` was seen within the window; remembers it otherwise."""
-        while self._seen:
-            oldest_key, t = next(iter(self._seen.items()))
-            if now - t <= self._window_s:
-                break
-            del self._seen[oldest_key]
-        if key in self._seen:
-            return True
-        self._seen[key] = now
+    def is_duplicate(self, dev_eui: str, f_cnt: int, dedup_id: str, now: float) -> bool:
+        """True when this device sent this frame within the window; remembers it otherwise.
+
+        A frame is the same when fCnt matches and, where ChirpStack gives one, the
+        ``deduplicationId`` too (so a device that re-joined and counts from 0 again is not
+        mistaken for a replay). Memory is bounded per device (its last few frames), not per
+        uplink: a global window of ids would grow with the rate (at 260 uplinks/s, 156,000 ids
+        for ten minutes, tens of MB). Redeliveries come from the broker's in-flight window, a
+        device's last few frames; an older one slipping through keeps its stable event id, so a
+        receiver still drops it.
+        """
+        link = self.device(dev_eui)
+        ident = hash(dedup_id) if dedup_id else 0
+        for seen_fcnt, seen_ident, seen_at in link.recent:
+            if (
+                seen_fcnt == f_cnt
+                and (seen_ident == ident or not (seen_ident and ident))
+                and now - seen_at <= self._window_s
+            ):
+                return True
+        link.recent.append((f_cnt, ident, now))
         return False
 
     def uplink(

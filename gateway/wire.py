@@ -105,7 +105,9 @@ def encode(event: Event, encoding: Encoding) -> bytes:
         # canonical: floats in the shortest exact width (712.0 takes 3 bytes, not 9).
         encoded: bytes = cbor2.dumps(wire, datetime_as_timestamp=True, canonical=True)
         return encoded
-    return orjson.dumps(wire, option=orjson.OPT_UTC_Z)
+    # orjson hands back a bytes object inside its 4 KiB write buffer; an event waiting for its
+    # commit would pin all of it (5 MB for a thousand queued events), so keep an exact copy.
+    return bytes(memoryview(orjson.dumps(wire, option=orjson.OPT_UTC_Z)))
 
 
 def decode(payload: bytes, encoding: Encoding) -> Event:

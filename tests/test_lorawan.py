@@ -70,9 +70,32 @@ def test_garbage_only_raises_codec_error(body: bytes) -> None:
 
 def test_dedup_window_expires() -> None:
     tracker = LinkTracker(dedup_window_s=10)
-    assert not tracker.is_duplicate("a", 0)
-    assert tracker.is_duplicate("a", 5)
-    assert not tracker.is_duplicate("a", 16)
+    assert not tracker.is_duplicate(EUI, 7, "id-a", 0)
+    assert tracker.is_duplicate(EUI, 7, "id-a", 5)
+    assert not tracker.is_duplicate(EUI, 7, "id-a", 16)
+
+
+def test_dedup_tells_a_rejoined_device_from_a_replay() -> None:
+    tracker = LinkTracker()
+    assert not tracker.is_duplicate(EUI, 0, "before-rejoin", 0)
+    # Same fCnt after a re-join, but a new radio frame: ChirpStack gives it a new id.
+    assert not tracker.is_duplicate(EUI, 0, "after-rejoin", 30)
+    assert tracker.is_duplicate(EUI, 0, "after-rejoin", 31)
+    # Without deduplicationId, devEui + fCnt decide.
+    assert not tracker.is_duplicate(EUI, 1, "", 40)
+    assert tracker.is_duplicate(EUI, 1, "", 41)
+    assert not tracker.is_duplicate("0000000000000002", 1, "", 42)
+
+
+def test_dedup_memory_is_bounded_per_device() -> None:
+    tracker = LinkTracker()
+    for f_cnt in range(10_000):
+        assert not tracker.is_duplicate(EUI, f_cnt, f"id-{f_cnt}", f_cnt * 0.01)
+    link = tracker.devices[EUI]
+    assert link.recent.maxlen is not None
+    assert len(link.recent) == link.recent.maxlen < 100
+    # The device's latest frames are still recognised.
+    assert tracker.is_duplicate(EUI, 9_999, "id-9999", 100.0)
 
 
 def test_fcnt_gap_reset_and_wrap() -> None:

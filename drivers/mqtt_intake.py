@@ -1,0 +1,462 @@
+"""A lean MQTT 3.1.1 subscriber for high-rate intake from the local broker.
+
+Why not aiomqtt here (it stays the upstream client): at ChirpStack's full rate the intake is the
+gateway's hot path, and paho (under aiomqtt) costs 40-55 us of CPU per message on this class of
+machine. It reads each packet with three or four ``recv`` calls, parses it field by field and runs
+a callback chain per message; aiomqtt then queues every message in an unbounded queue, so a
+broker pushing a backlog faster than the outbox commits grows the heap without limit (80+ MB in
+bench/chirpstack_ingest.py's drain). This client:
+
+* reads whatever the socket holds (asyncio reads up to 256 KiB at a time) and parses every
+  complete packet in it in one pass, handing the consumer lists of messages, not one message
+  per wake-up;
+* acknowledges with PUBACKs that the consumer sends after its own commit, coalesced into one
+  write per loop iteration;
+* stops reading from the socket while more than ``max_unacked`` messages are delivered but not
+  acknowledged: TCP flow control then holds the rest at the broker (which queues them for the
+  persistent session), so memory is bounded by the window, not by the backlog.
+
+It implements only what the ChirpStack source needs: CONNECT (persistent session, credentials,
+TLS through asyncio), SUBSCRIBE, receiving PUBLISH at QoS 0/1, PUBACK, publishing at QoS 1 (for
+downlink commands), keepalive (PINGREQ/PINGRESP) and DISCONNECT. Pure asyncio; no logging here:
+errors are raised to the caller, which names and counts them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+
+# MQTT 3.1.1 control packet types (high nibble of the fixed header).
+_CONNECT = 0x10
+_CONNACK = 0x20
+_PUBLISH = 0x30
+_PUBACK = 0x40
+_SUBSCRIBE = 0x82  # the low nibble 0b0010 is mandatory for SUBSCRIBE (MQTT-3.8.1-1)
+_SUBACK = 0x90
+_PINGREQ = b"\xc0\x00"
+_PINGRESP = 0xD0
+_DISCONNECT = b"\xe0\x00"
+
+# The protocol caps the remaining length at 268,435,455 bytes; ChirpStack events are a few KB.
+# A larger packet from the local broker is a broken peer, not data: refuse it before buffering.
+MAX_PACKET_BYTES = 1 << 20
+
+CONNACK_REASONS = {
+    1: "unacceptable protocol version",
+    2: "client identifier rejected",
+    3: "server unavailable",
+    4: "bad user name or password",
+    5: "not authorised",
+}
+
+
+class MqttIntakeError(Exception):
+    """The connection failed, dropped or broke the protocol; a reconnect may help."""
+
+
+class MqttRefusedError(MqttIntakeError):
+    """The broker answered CONNECT with a refusal (``rc``: the CONNACK return code)."""
+
+    def __init__(self, rc: int) -> None:
+        super().__init__(f"connection refused: {CONNACK_REASONS.get(rc, 'code')} ({rc})")
+        self.rc = rc
+
+
+@dataclass(frozen=True, slots=True)
+class IntakeMessage:
+    """One received PUBLISH. ``packet_id`` is 0 for QoS 0 (nothing to acknowledge)."""
+
+    topic: str
+    payload: bytes
+    qos: int
+    packet_id: int
+
+
+def _utf8(text: str) -> bytes:
+    raw = text.encode()
+    if len(raw) > 0xFFFF:
+        raise ValueError(f"MQTT strings are at most 65,535 bytes (got: {len(raw)})")
+    return struct.pack("!H", len(raw)) + raw
+
+
+def _packet(first: int, body: bytes) -> bytes:
+    """A control packet: fixed header with the variable-length remaining length, then body."""
+    length = len(body)
+    header = bytearray([first])
+    while True:
+        byte, length = length & 0x7F, length >> 7
+        header.append(byte | (0x80 if length else 0))
+        if not length:
+            return bytes(header) + body
+
+
+def connect_packet(
+    client_id: str,
+    *,
+    keepalive_s: int,
+    clean_session: bool,
+    username: str | None,
+    password: str | None,
+) -> bytes:
+    flags = 0x02 if clean_session else 0
+    payload = _utf8(client_id)
+    if username is not None:
+        flags |= 0x80
+        payload += _utf8(username)
+        if password is not None:
+            flags |= 0x40
+            payload += _utf8(password)
+    head = _utf8("MQTT") + bytes([4, flags]) + struct.pack("!H", keepalive_s)
+    return _packet(_CONNECT, head + payload)
+
+
+def puback(packet_id: int) -> bytes:
+    return bytes((_PUBACK, 2, packet_id >> 8, packet_id & 0xFF))
+
+
+class _Protocol(asyncio.Protocol):
+    """One connection's byte stream: parsing, flow control and outstanding requests."""
+
+    def __init__(self, max_unacked: int) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._max_unacked = max_unacked
+        self._buf = bytearray()
+        self._transport: asyncio.Transport | None = None
+        self._sock: socket.socket | None = None
+        self._ready: list[IntakeMessage] = []
+        self._waiter: asyncio.Future[None] | None = None
+        self._error: MqttIntakeError | None = None
+        self._paused = False
+        self.unacked = 0
+        self._acks = bytearray()
+        self._ack_scheduled = False
+        self.connack: asyncio.Future[tuple[int, bool]] = self._loop.create_future()
+        # Requests we sent, by packet id: SUBACK (granted QoS list) or PUBACK (None).
+        self.pending: dict[int, asyncio.Future[bytes]] = {}
+        self.last_received = self._loop.time()
+        self.closed: asyncio.Future[None] = self._loop.create_future()
+
+    # -- asyncio.Protocol ------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        sock = transport.get_extra_info("socket")
+        self._sock = sock if isinstance(sock, socket.socket) else None
+
+    def data_received(self, data: bytes) -> None:
+        self.last_received = self._loop.time()
+        self._quick_ack()
+        buf = self._buf
+        buf += data
+        try:
+            used = self._parse(buf)
+        except MqttIntakeError as exc:
+            self._fail(exc)
+            return
+        if used:
+            del buf[:used]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(MqttIntakeError(f"connection lost: {exc}" if exc else "connection closed"))
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    # -- parsing ---------------------------------------------------------------------------
+    def _parse(self, buf: bytearray) -> int:
+        """Handle every complete packet in ``buf``; returns how many bytes were used."""
+        ready = self._ready
+        before = len(ready)
+        try:
+            return self._split(buf, ready)
+        finally:
+            # Also when a packet was incomplete or broken: what reached ``ready`` is counted.
+            if len(ready) > before:
+                self.unacked += sum(1 for m in ready[before:] if m.qos)
+                if self._waiter is not None and not self._waiter.done():
+                    self._waiter.set_result(None)
+                if self.unacked >= self._max_unacked and not self._paused and self._transport:
+                    self._paused = True
+                    self._transport.pause_reading()
+
+    def _split(self, buf: bytearray, ready: list[IntakeMessage]) -> int:
+        pos, end = 0, len(buf)
+        while end - pos >= 2:
+            first = buf[pos]
+            # Remaining length: 1-4 bytes, 7 bits each, least significant first.
+            length, shift, i = 0, 0, pos + 1
+            while True:
+                if i >= end:
+                    return pos
+                byte = buf[i]
+                length |= (byte & 0x7F) << shift
+                i += 1
+                if not byte & 0x80:
+                    break
+                shift += 7
+                if shift > 21:
+                    raise MqttIntakeError("malformed remaining length")
+            if length > MAX_PACKET_BYTES:
+                raise MqttIntakeError(f"packet of {length} bytes exceeds {MAX_PACKET_BYTES}")
+            stop = i + length
+            if stop > end:
+                return pos
+            kind = first & 0xF0
+            if kind == _PUBLISH:
+                qos = (first >> 1) & 3
+                topic_len = (buf[i] << 8) | buf[i + 1]
+                t_end = i + 2 + topic_len
+                topic = buf[i + 2 : t_end].decode("utf-8", "replace")
+                if qos == 1:
+                    packet_id = (buf[t_end] << 8) | buf[t_end + 1]
+                    ready.append(IntakeMessage(topic, bytes(buf[t_end + 2 : stop]), 1, packet_id))
+                elif qos == 0:
+                    ready.append(IntakeMessage(topic, bytes(buf[t_end:stop]), 0, 0))
+                else:
+                    # We subscribe at QoS 1, so the broker downgrades; QoS 2 is a broken peer.
+                    raise MqttIntakeError("QoS 2 PUBLISH on a QoS 1 subscription")
+            else:
+                self._control(kind, bytes(buf[i:stop]))
+            pos = stop
+        return pos
+
+    def _control(self, kind: int, body: bytes) -> None:
+        if kind == _CONNACK:
+            if len(body) != 2:
+                raise MqttIntakeError("malformed CONNACK")
+            if not self.connack.done():
+                self.connack.set_result((body[1], bool(body[0] & 1)))
+        elif kind in (_PUBACK, _SUBACK & 0xF0):
+            if len(body) < 2:
+                raise MqttIntakeError("malformed acknowledgement")
+            future = self.pending.pop((body[0] << 8) | body[1], None)
+            if future is not None and not future.done():
+                future.set_result(body[2:])
+        elif kind != _PINGRESP:
+            raise MqttIntakeError(f"unexpected packet type {kind >> 4}")
+
+    # -- consumer side ---------------------------------------------------------------------
+    async def batch(self) -> list[IntakeMessage]:
+        while not self._ready:
+            if self._error is not None:
+                raise self._error
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        ready, self._ready = self._ready, []
+        return ready
+
+    def ack(self, packet_id: int) -> None:
+        """Queue a PUBACK; all PUBACKs of one loop iteration go out in one write."""
+        if self._error is not None:
+            # The session is gone: the broker redelivers, and stable event ids make that a
+            # duplicate receivers drop.
+            return
+        self._acks += puback(packet_id)
+        self.unacked -= 1
+        if self._paused and self.unacked <= self._max_unacked // 2 and self._transport:
+            self._paused = False
+            self._transport.resume_reading()
+        if not self._ack_scheduled:
+            self._ack_scheduled = True
+            self._loop.call_soon(self._flush_acks)
+
+    def _flush_acks(self) -> None:
+        self._ack_scheduled = False
+        if self._acks and self._transport is not None and self._error is None:
+            self._transport.write(bytes(self._acks))
+        self._acks.clear()
+
+    def send(self, data: bytes) -> None:
+        if self._error is not None:
+            raise self._error
+        assert self._transport is not None
+        self._transport.write(data)
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    def abort(self, reason: str) -> None:
+        self._fail(MqttIntakeError(reason))
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _fail(self, exc: MqttIntakeError) -> None:
+        if self._error is None:
+            self._error = exc
+        for future in (self.connack, self._waiter, *self.pending.values()):
+            if future is not None and not future.done():
+                future.set_exception(self._error)
+                # Retrieved here so an unawaited request future does not log at collection.
+                future.exception()
+        self.pending.clear()
+
+    def _quick_ack(self) -> None:
+        # See drivers/chirpstack.py: the PUBACK waits for the outbox commit, so the TCP ACK has
+        # nothing to ride on; with mosquitto's Nagle default a delayed ACK stalls the next
+        # uplink by up to 40 ms. Linux clears TCP_QUICKACK by itself, hence once per read.
+        if self._sock is not None and _QUICKACK is not None:
+            with contextlib.suppress(OSError):
+                self._sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+
+
+_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
+
+
+class MqttIntake:
+    """One connected session; create with :meth:`connect`, end with :meth:`close`."""
+
+    def __init__(self, protocol: _Protocol, keepalive_s: int, session_present: bool) -> None:
+        self._protocol = protocol
+        self._keepalive_s = keepalive_s
+        self.session_present = session_present
+        self._next_id = 0
+        self._pinger = asyncio.create_task(self._keepalive(), name="mqtt-intake-keepalive")
+
+    @classmethod
+    async def connect(
+        cls,
+        host: str,
+        port: int,
+        client_id: str,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        clean_session: bool = False,
+        keepalive_s: int = 60,
+        tls_context: ssl.SSLContext | None = None,
+        max_unacked: int = 2000,
+        timeout_s: float = 10.0,
+    ) -> MqttIntake:
+        """Connect and wait for CONNACK; raises MqttRefusedError or MqttIntakeError."""
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(timeout_s):
+                _transport, protocol = await loop.create_connection(
+                    lambda: _Protocol(max_unacked),
+                    host,
+                    port,
+                    ssl=tls_context,
+                    server_hostname=host if tls_context is not None else None,
+                )
+        except (OSError, TimeoutError) as exc:
+            raise MqttIntakeError(f"cannot connect to {host}:{port}: {exc or 'timed out'}") from exc
+        try:
+            protocol.send(
+                connect_packet(
+                    client_id,
+                    keepalive_s=keepalive_s,
+                    clean_session=clean_session,
+                    username=username,
+                    password=password,
+                )
+            )
+            async with asyncio.timeout(timeout_s):
+                rc, session_present = await protocol.connack
+        except TimeoutError as exc:
+            protocol.abort("no CONNACK")
+            raise MqttIntakeError(f"{host}:{port} sent no CONNACK within {timeout_s} s") from exc
+        except BaseException:
+            protocol.abort("connect failed")
+            raise
+        if rc != 0:
+            protocol.abort("refused")
+            raise MqttRefusedError(rc)
+        return cls(protocol, keepalive_s, session_present)
+
+    def _packet_id(self) -> int:
+        # 1..65535, skipping ids still waiting for their acknowledgement.
+        for _ in range(0xFFFF):
+            self._next_id = self._next_id % 0xFFFF + 1
+            if self._next_id not in self._protocol.pending:
+                return self._next_id
+        raise MqttIntakeError("no free packet identifier")
+
+    async def _request(self, packet: Callable[[int], bytes], timeout_s: float) -> bytes:
+        packet_id = self._packet_id()
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._protocol.pending[packet_id] = future
+        try:
+            self._protocol.send(packet(packet_id))
+            async with asyncio.timeout(timeout_s):
+                return await future
+        except TimeoutError as exc:
+            raise MqttIntakeError(f"no acknowledgement within {timeout_s} s") from exc
+        finally:
+            self._protocol.pending.pop(packet_id, None)
+
+    async def subscribe(self, topic: str, qos: int = 1, timeout_s: float = 10.0) -> int:
+        """Subscribe; returns the granted QoS (raises MqttIntakeError on refusal)."""
+        body = _utf8(topic) + bytes([qos])
+        granted = await self._request(
+            lambda pid: _packet(_SUBSCRIBE, struct.pack("!H", pid) + body), timeout_s
+        )
+        if len(granted) != 1 or granted[0] > 2:
+            raise MqttIntakeError(f"subscription to {topic} refused")
+        return granted[0]
+
+    async def publish(
+        self, topic: str, payload: bytes, *, qos: int = 1, timeout_s: float = 10.0
+    ) -> None:
+        """Publish at QoS 0 or 1 (waiting for the PUBACK)."""
+        head = _utf8(topic)
+        if qos == 0:
+            self._protocol.send(_packet(_PUBLISH, head + payload))
+            return
+        await self._request(
+            lambda pid: _packet(_PUBLISH | 0x02, head + struct.pack("!H", pid) + payload),
+            timeout_s,
+        )
+
+    async def batch(self) -> list[IntakeMessage]:
+        """The messages received since the last call (waits for at least one)."""
+        return await self._protocol.batch()
+
+    def acker(self, message: IntakeMessage) -> Callable[[], None]:
+        """What acknowledges ``message`` (a no-op at QoS 0 or once this session is gone)."""
+        if not message.qos:
+            return _nothing
+        protocol, packet_id = self._protocol, message.packet_id
+        return lambda: protocol.ack(packet_id)
+
+    @property
+    def unacked(self) -> int:
+        return self._protocol.unacked
+
+    async def _keepalive(self) -> None:
+        if self._keepalive_s <= 0:
+            return
+        protocol = self._protocol
+        while True:
+            await asyncio.sleep(self._keepalive_s / 2)
+            # The broker answers every PINGREQ; silence for a whole keepalive means the link is
+            # dead even if TCP has not noticed (a pulled cable keeps a socket "open" for hours).
+            if asyncio.get_running_loop().time() - protocol.last_received > self._keepalive_s:
+                protocol.abort(f"no packet from the broker for {self._keepalive_s} s")
+                return
+            with contextlib.suppress(MqttIntakeError):
+                protocol.send(_PINGREQ)
+
+    async def close(self) -> None:
+        """DISCONNECT (so the broker drops no Will and keeps the session) and close."""
+        self._pinger.cancel()
+        with contextlib.suppress(MqttIntakeError, asyncio.CancelledError):
+            await self._pinger
+        with contextlib.suppress(MqttIntakeError, AssertionError):
+            self._protocol.send(_DISCONNECT)
+        self._protocol.close()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(2.0):
+                await self._protocol.closed
+
+
+def _nothing() -> None:
+    return None
