@@ -29,6 +29,7 @@ from gateway.config import (
 from gateway.demo import weather_station
 from gateway.errors import ConfigError, GatewayError, TerminalUplinkError
 from gateway.logs import configure_logging
+from gateway.models_cli import add_models_parser
 from gateway.render import render_config, render_example
 from gateway.serial_cli import add_serial_parser
 
@@ -290,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_codec_parser(sub)
     add_serial_parser(sub)
+    add_models_parser(sub)
 
     version = sub.add_parser("version", help="print the version")
     version.set_defaults(func=cmd_version)

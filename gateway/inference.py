@@ -210,7 +210,7 @@ def _check_signature(
     return problems
 
 
-def _warmup_feeds(card: ModelCard, card_path: Path) -> dict[str, np.ndarray]:
+def warmup_feeds(card: ModelCard, card_path: Path) -> dict[str, np.ndarray]:
     """The card's sample input, or zeros with every symbolic dim set to 1."""
     sample = card.sample_path(card_path)
     if sample is None:
@@ -299,7 +299,7 @@ def load_model(card_path: Path, *, threads: int = 1) -> LoadedModel:
 def warm_up(model: LoadedModel) -> None:
     """One run with the card's sample (or zeros); the outputs must match the card's outputs."""
     card_path = model.card_path
-    feeds = _warmup_feeds(model.card, card_path)
+    feeds = warmup_feeds(model.card, card_path)
     try:
         outputs = model.run(feeds)
     except ModelError as exc:
