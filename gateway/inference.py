@@ -9,6 +9,7 @@ file, so a bad model is refused before it can decide anything.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import hashlib
@@ -500,6 +501,14 @@ class _ShadowOutcome:
     run_ms: float
 
 
+@dataclass(frozen=True, slots=True)
+class _JobResult:
+    # None when the job posted the results itself (before running a shadow).
+    results: list[list[np.ndarray] | ModelError] | None
+    run_ms: float
+    shadow: _ShadowOutcome | None
+
+
 def _same_signature(old: LoadedModel, new: LoadedModel) -> str | None:
     """Why ``new`` cannot stand in for ``old`` (name, inputs, outputs), or None."""
     if new.card.name != old.card.name:
@@ -810,8 +819,19 @@ class InferenceEngine:
             self._idle.clear()
             model = lane.model
             shadow = lane.shadow.model if lane.shadow is not None else None
-            job = loop.run_in_executor(self._executor, self._job, loop, lane, model, shadow, calls)
-            job.add_done_callback(functools.partial(self._job_done, lane, calls))
+            job = self._executor.submit(self._job, loop, lane, model, shadow, calls)
+            job.add_done_callback(functools.partial(self._post_done, loop, lane, calls))
+
+    def _post_done(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        lane: _Lane,
+        calls: list[_Call],
+        job: concurrent.futures.Future[_JobResult],
+    ) -> None:
+        """In the worker thread (or the loop's, for a cancelled job): hand the job to the loop."""
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(self._job_done, lane, calls, job)
 
     def _job(
         self,
@@ -820,8 +840,12 @@ class InferenceEngine:
         model: LoadedModel,
         shadow: LoadedModel | None,
         calls: list[_Call],
-    ) -> _ShadowOutcome | None:
-        """In a worker thread: one (batched) run, results posted to the loop, then the shadow."""
+    ) -> _JobResult:
+        """In a worker thread: one (batched) run, then the shadow's run on the same inputs.
+
+        Without a shadow, the results reach the loop with the job's completion (one wake-up of
+        the loop per run); with one, they are posted before the candidate runs.
+        """
         started = time.perf_counter()
         results: list[list[np.ndarray] | ModelError]
         outputs: list[np.ndarray] | None = None
@@ -849,18 +873,19 @@ class InferenceEngine:
                     except ModelError as exc:
                         results.append(exc)
         run_ms = (time.perf_counter() - started) * 1000
-        loop.call_soon_threadsafe(self._deliver, lane, calls, results, run_ms)
         if shadow is None or outputs is None:
-            return None
-        # After the callers have their results: the candidate never delays them.
+            return _JobResult(results, run_ms, None)
+        # The callers get their results first: the candidate never delays them.
+        loop.call_soon_threadsafe(self._deliver, lane, calls, results, run_ms)
         started = time.perf_counter()
         rows = sum(call.rows for call in calls)
         try:
             candidate_outputs = shadow.run(feeds, check=False)
             comparison = compare_outputs(model, shadow, outputs, candidate_outputs, rows)
         except ModelError as exc:
-            return _ShadowOutcome(shadow, None, str(exc), 0.0)
-        return _ShadowOutcome(shadow, comparison, None, (time.perf_counter() - started) * 1000)
+            return _JobResult(None, run_ms, _ShadowOutcome(shadow, None, str(exc), 0.0))
+        shadow_ms = (time.perf_counter() - started) * 1000
+        return _JobResult(None, run_ms, _ShadowOutcome(shadow, comparison, None, shadow_ms))
 
     def _deliver(
         self,
@@ -885,7 +910,7 @@ class InferenceEngine:
                 lane.latency_ms.append((now - call.started) * 1000)
 
     def _job_done(
-        self, lane: _Lane, calls: list[_Call], job: asyncio.Future[_ShadowOutcome | None]
+        self, lane: _Lane, calls: list[_Call], job: concurrent.futures.Future[_JobResult]
     ) -> None:
         lane.inflight -= 1
         if job.cancelled():
@@ -898,8 +923,12 @@ class InferenceEngine:
             for call in calls:
                 if not call.future.done():
                     call.future.set_exception(error)
-        elif (outcome := job.result()) is not None:
-            self._record_shadow(lane, outcome)
+        else:
+            result = job.result()
+            if result.results is not None:
+                self._deliver(lane, calls, result.results, result.run_ms)
+            if result.shadow is not None:
+                self._record_shadow(lane, result.shadow)
         if not self._closed:
             self._pump(lane)
         if all(not other.inflight for other in self._lanes.values()):
