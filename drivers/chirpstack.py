@@ -24,7 +24,17 @@ from chirpstack_api import integration
 from google.protobuf import json_format
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 
-from drivers.lorawan import ChirpStackMessage, Finding, LinkTracker, Profile, parse_message
+from drivers.lorawan import (
+    ChirpStackMessage,
+    Finding,
+    LinkTracker,
+    Profile,
+    Uplink,
+    parse_message,
+    parse_topic,
+    parse_uplink_json,
+    uplink_from_message,
+)
 from drivers.lorawan import message_time as _message_time
 from drivers.mqtt_intake import MqttIntake, MqttIntakeError, MqttRefusedError
 from gateway.errors import CodecError, TerminalUplinkError
@@ -318,8 +328,7 @@ class ChirpStackSource:
         ack: Callable[[], None],
     ) -> None:
         try:
-            parsed = parse_message(topic, payload, self._broker.marshaler)
-            items = self._items(parsed, report_error)
+            items = self._parse(topic, payload, report_error)
         except CodecError as exc:
             self._count("malformed")
             report_error("malformed_message", str(exc))
@@ -332,7 +341,31 @@ class ChirpStackSource:
             await emit(item)
         await emit(items[-1], ack)
 
-    def _items(self, parsed: ChirpStackMessage, report_error: ReportError) -> list[Reading | Event]:
+    def _parse(
+        self, topic: str, payload: bytes, report_error: ReportError
+    ) -> list[Reading | Event]:
+        application_id, dev_eui, event_type = parse_topic(topic)
+        marshaler = self._broker.marshaler
+        if event_type == "up" and (
+            marshaler == "json" or (marshaler == "auto" and payload.lstrip()[:1] == b"{")
+        ):
+            # Most messages are uplinks: read the fields the source uses straight from the JSON
+            # (see parse_uplink_json); anything unusual goes the full way below.
+            uplink = parse_uplink_json(payload)
+            if uplink is not None:
+                if uplink.dev_eui and uplink.dev_eui != dev_eui:
+                    raise CodecError(
+                        f"device {dev_eui}: topic and deviceInfo.devEui ({uplink.dev_eui}) disagree"
+                    )
+                return self._uplink(application_id, dev_eui, uplink, report_error)
+        parsed = parse_message(topic, payload, marshaler)
+        if parsed.event_type == "up":
+            uplink = uplink_from_message(parsed.message)
+            return self._uplink(parsed.application_id, parsed.dev_eui, uplink, report_error)
+        return self._items(parsed)
+
+    def _items(self, parsed: ChirpStackMessage) -> list[Reading | Event]:
+        """Events of the other event types (join, status, ack, txack, log)."""
         msg = parsed.message
         now = self._clock()
         ts = _message_time(msg, datetime.fromtimestamp(now, UTC))
@@ -340,8 +373,6 @@ class ChirpStackSource:
         # Downlinks go to the application the device last talked through.
         self._tracker.device(dev_eui).application_id = parsed.application_id
         self._count(f"{parsed.event_type}_events")
-        if parsed.event_type == "up":
-            return self._uplink(parsed, ts, now, report_error)
         if parsed.event_type == "join":
             self._tracker.joined(dev_eui)
             return [self._event("device_joined", dev_eui, ts, msg.deduplication_id, ())]
@@ -377,39 +408,41 @@ class ChirpStackSource:
         return [self._event("chirpstack_log", dev_eui, ts, key, values, severity=severity)]
 
     def _uplink(
-        self, parsed: ChirpStackMessage, ts: datetime, now: float, report_error: ReportError
+        self, application_id: str, dev_eui: str, msg: Uplink, report_error: ReportError
     ) -> list[Reading | Event]:
-        msg = parsed.message
-        dev_eui = parsed.dev_eui
+        now = self._clock()
+        ts = msg.time or datetime.fromtimestamp(now, UTC)
+        link_state = self._tracker.device(dev_eui)
+        # Downlinks go to the application the device last talked through.
+        link_state.application_id = application_id
+        self._count("up_events")
         # deduplicationId names one radio frame however many gateways heard it; without it,
         # devEui + fCnt within the window does the same job.
         key = msg.deduplication_id or f"{dev_eui}:{msg.f_cnt}"
         if self._tracker.is_duplicate(dev_eui, msg.f_cnt, msg.deduplication_id, now):
             self._count("duplicates")
             return []
-        info = msg.device_info
-        rule = self._catalog.match(dev_eui, info.device_profile_name, dict(info.tags))
+        rule = self._catalog.match(dev_eui, msg.device_profile_name, msg.tags)
         if rule is None:
             self._count("unknown_device")
-            report_error("unknown_device", f"device {dev_eui} ({info.device_profile_name!r})")
+            report_error("unknown_device", f"device {dev_eui} ({msg.device_profile_name!r})")
             if dev_eui in self._unknown_reported:
                 return []
             self._unknown_reported.add(dev_eui)
-            values = [Measurement("device_profile", info.device_profile_name[:256])]
+            values = [Measurement("device_profile", msg.device_profile_name[:256])]
             return [
                 self._event("unknown_device", dev_eui, ts, key, values, severity=Severity.WARNING)
             ]
         self._rules[dev_eui] = rule
         if rule.expected_interval_s is not None:
-            self._tracker.device(dev_eui).expected_interval_s = rule.expected_interval_s
-        rssi, snr = _best_signal(msg)
+            link_state.expected_interval_s = rule.expected_interval_s
+        rssi, snr = msg.rssi, msg.snr
         out: list[Reading | Event] = [
             self._finding(f, ts, f"{key}:{f.kind}")
             for f in self._tracker.uplink(dev_eui, msg.f_cnt, rssi, snr, now)
         ]
-        obj = json_format.MessageToDict(msg.object) if msg.HasField("object") else None
         try:
-            decoded, flags = rule.profile.decode(msg.f_port, msg.data, obj, rule.params)
+            decoded, flags = rule.profile.decode(msg.f_port, msg.data, msg.object, rule.params)
         except CodecError as exc:
             self._count("decode_errors")
             report_error("decode_error", f"device {dev_eui}: {exc}")
@@ -468,14 +501,6 @@ class ChirpStackSource:
             for finding in self._tracker.check_silent(now):
                 log.warning("device_silent", source=self.name, device=finding.dev_eui)
                 await emit(self._finding(finding, ts, f"silent:{finding.dev_eui}:{int(now)}"))
-
-
-def _best_signal(msg: Any) -> tuple[float | None, float | None]:
-    # The strongest gateway's view: what decides whether the next frame gets through.
-    best = max(msg.rx_info, key=lambda rx: rx.rssi, default=None)
-    if best is None:
-        return None, None
-    return int(best.rssi), round(float(best.snr), 2)
 
 
 def integration_log_level(msg: Any) -> str:

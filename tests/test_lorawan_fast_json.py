@@ -19,7 +19,14 @@ from google.protobuf.message import Message
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from drivers.lorawan import EVENT_TYPES, _parse_json_fast, parse_message
+from drivers.lorawan import (
+    EVENT_TYPES,
+    Uplink,
+    _parse_json_fast,
+    parse_message,
+    parse_uplink_json,
+    uplink_from_message,
+)
 from gateway.errors import CodecError
 
 EUI = "a84041000181c061"
@@ -290,3 +297,105 @@ _JSON = st.recursive(
 @given(st.dictionaries(st.sampled_from(_FIELD_NAMES), _JSON, max_size=6))
 def test_random_json_agrees(data: dict[str, Any]) -> None:
     _assert_same(integration.UplinkEvent, json.dumps(data).encode())
+
+
+# -- parse_uplink_json: the fields the source uses, read straight from the JSON ----------------
+
+_VIEW_TOP = {
+    "deduplicationId",
+    "deduplication_id",
+    "time",
+    "fCnt",
+    "f_cnt",
+    "fPort",
+    "f_port",
+    "data",
+    "object",
+}
+_VIEW_INFO = {"devEui", "dev_eui", "deviceProfileName", "device_profile_name", "tags"}
+
+
+def _used_part(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` without the fields parse_uplink_json does not read (and so does not check)."""
+    out = {k: v for k, v in data.items() if k in _VIEW_TOP}
+    for key in ("deviceInfo", "device_info"):
+        if key in data:
+            info = data[key]
+            out[key] = (
+                {k: v for k, v in info.items() if k in _VIEW_INFO}
+                if isinstance(info, dict)
+                else info
+            )
+    for key in ("rxInfo", "rx_info"):
+        if key in data:
+            rx = data[key]
+            out[key] = (
+                [
+                    {k: v for k, v in item.items() if k in {"rssi", "snr"}}
+                    if isinstance(item, dict)
+                    else item
+                    for item in rx
+                ]
+                if isinstance(rx, list)
+                else rx
+            )
+    return out
+
+
+def _assert_view_agrees(data: Any) -> Uplink | None:
+    """What the view accepts is what json_format + uplink_from_message make of the same fields."""
+    payload = json.dumps(data).encode()
+    view = parse_uplink_json(payload)
+    if view is None:
+        return None
+    assert isinstance(data, dict)
+    slow = _slow(integration.UplinkEvent, json.dumps(_used_part(data)).encode())
+    assert slow is not None, f"the view took what json_format refuses: {payload[:300]!r}"
+    assert view == uplink_from_message(slow), f"different uplinks from {payload[:300]!r}"
+    return view
+
+
+@pytest.mark.parametrize("proto_names", [False, True])
+def test_uplink_view_matches_the_full_parse(proto_names: bool) -> None:
+    for message in (_uplink(), integration.UplinkEvent()):
+        payload = _json(message, preserving_proto_field_name=proto_names)
+        view = _assert_view_agrees(json.loads(payload))
+        assert view == uplink_from_message(message), f"declined or different: {payload[:300]!r}"
+    view = parse_uplink_json(_json(_uplink()))
+    assert view is not None
+    # The strongest gateway's view; SNR read back as the protobuf float it is.
+    assert (view.rssi, view.snr) == (-97.0, 6.25)
+    assert view.object is not None and view.object["Distance"] == 1234.0
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"fCnt": "5"},  # a number in a string
+        {"fCnt": -1},
+        {"fPort": 2**32},
+        {"time": "2025-03-14T06:00:00+01:00"},  # an offset
+        {"data": 5},
+        {"deviceInfo": {"tags": {"a": 1}}},
+        {"rxInfo": [{"rssi": 1.5}]},
+        {"rxInfo": {"rssi": -90}},
+        {"object": [1]},
+        {"fCnt": None},
+        {"fCnt": 1, "f_cnt": 2},  # both names
+    ],
+)
+def test_uplink_view_declines_the_unusual(change: dict[str, Any]) -> None:
+    data = json.loads(_json(_uplink()))
+    data.update(change)
+    assert parse_uplink_json(json.dumps(data).encode()) is None
+
+
+def test_uplink_view_declines_what_is_not_json() -> None:
+    for payload in (b"", b"[]", b"{", b"null", b"\xff{}", b'{"fCnt": 1e400}'):
+        assert parse_uplink_json(payload) is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(_FIELD_NAMES), _JSON, max_size=6))
+def test_random_json_view_agrees(data: dict[str, Any]) -> None:
+    _assert_view_agrees(data)
