@@ -30,6 +30,7 @@ from drivers.replay import ReplaySource
 from drivers.sdi12 import Sdi12Sensor, Sdi12Source, Sdi12Value
 from drivers.serial_port import SerialSettings, SerialSource
 from gateway import __version__
+from gateway.analyzers.runtime import Analyzers
 from gateway.commands import Commands, downlink_command, ping
 from gateway.config import (
     ChirpStackSourceConfig,
@@ -45,6 +46,7 @@ from gateway.config import (
 from gateway.credentials import read_password, tls_context
 from gateway.errors import CodecError, ConfigError
 from gateway.health import Heartbeats, Metrics, Notifier, RateMeter
+from gateway.inference import InferenceEngine
 from gateway.outbox import Outbox
 from gateway.pipeline import OnStored, Pipeline
 from gateway.types import Emit, Event, Measurement, Reading, ReportError
@@ -313,6 +315,7 @@ class Gateway:
         self._signals = 0
         self._rates = RateMeter(self._metrics, ("events_in", "events_out"))
         self._sources: list[Source] = []
+        self._engine: InferenceEngine | None = None
 
     @property
     def metrics(self) -> Metrics:
@@ -351,7 +354,15 @@ class Gateway:
             uplink_cfg.encoding if isinstance(uplink_cfg, MqttUplinkConfig) else Encoding.JSON
         )
         log.info("gateway_starting", version=__version__, gateway_id=self._gateway_id)
-        async with Outbox(cfg.outbox_path, cfg.outbox, encoding) as outbox:
+        async with (
+            Outbox(cfg.outbox_path, cfg.outbox, encoding) as outbox,
+            InferenceEngine(cfg.inference) as engine,
+        ):
+            # Models are verified (sha256, signature, warm-up) before any source starts; one
+            # that fails is left out and its analyzers run on their rules alone.
+            await engine.load_configured()
+            self._engine = engine
+            analyzers = Analyzers(cfg.analyzers, engine, self._metrics) if cfg.analyzers else None
             outbox.heartbeat = self._heartbeats.register("outbox")
             pipeline = Pipeline(cfg.pipeline, outbox, self._metrics)
             pipeline.heartbeat = self._heartbeats.register("pipeline")
@@ -371,7 +382,9 @@ class Gateway:
                 pipeline_task = tg.create_task(pipeline.run(), name="pipeline")
                 watchdog_task = tg.create_task(self._watchdog(outbox, uplink), name="watchdog")
                 source_tasks = [
-                    tg.create_task(self._run_source(s, pipeline), name=f"source:{s.name}")
+                    tg.create_task(
+                        self._run_source(s, pipeline, analyzers), name=f"source:{s.name}"
+                    )
                     for s in sources
                 ]
                 self._notifier.ready(self._status(outbox, uplink))
@@ -451,6 +464,12 @@ class Gateway:
                     "readings_dropped_queue_full": counters["readings_dropped_queue_full"],
                     "source_errors": counters["source_errors"],
                 },
+                "analyzers": {
+                    "readings": counters["readings_analyzed"],
+                    "warnings": counters["analyzer_warnings"],
+                    "no_score": counters["analyzer_no_score"],
+                },
+                "inference": None if self._engine is None else self._engine.stats(),
                 "reconnects": counters["uplink_connects"],
                 "connect_failures": counters["uplink_connect_failures"],
                 "lorawan": [
@@ -469,13 +488,23 @@ class Gateway:
 
         return provide
 
-    async def _run_source(self, source: Source, pipeline: Pipeline) -> None:
+    async def _run_source(
+        self, source: Source, pipeline: Pipeline, analyzers: Analyzers | None
+    ) -> None:
         def report_error(kind: str, detail: str) -> None:
             self._metrics.inc("source_errors")
             self._metrics.inc(f"source_errors_{kind}")
             log.warning("source_error", source=source.name, kind=kind, detail=detail)
 
         async def emit(item: Reading | Event, on_stored: OnStored | None = None) -> None:
+            # A configured gauge's reading becomes its analysed event here, before the queue:
+            # the model runs off the loop, and other devices' readings pass by untouched.
+            if (
+                analyzers is not None
+                and isinstance(item, Reading)
+                and analyzers.handles(item.device)
+            ):
+                item = await analyzers.analyze(item)
             await pipeline.submit(item, on_stored)
 
         await source.impl.run(emit, report_error)

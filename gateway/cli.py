@@ -17,6 +17,7 @@ import structlog
 
 from drivers.ascii_lines import AsciiLineSource
 from gateway import __version__
+from gateway.anomaly_cli import add_anomaly_parser
 from gateway.app import EXIT_CONFIG, EXIT_OK, EXIT_SOFTWARE, Gateway
 from gateway.codec_cli import add_codec_parser
 from gateway.config import (
@@ -26,7 +27,7 @@ from gateway.config import (
     config_from_dict,
     load_config,
 )
-from gateway.demo import weather_station
+from gateway.demo import flood, weather_station
 from gateway.errors import ConfigError, GatewayError, TerminalUplinkError
 from gateway.logs import configure_logging
 from gateway.models_cli import add_models_parser
@@ -133,6 +134,7 @@ def demo_config(
     return config_from_dict(
         {
             "gateway": {"id": "demo", "state_dir": str(state_dir), "log_level": "warning"},
+            **flood.config(),
             "uplink": {"type": "file", "path": "-", "fsync": False},
             "sources": [
                 {"type": "replay", "name": "gard-anduze", "interval_s": interval_s},
@@ -292,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_codec_parser(sub)
     add_serial_parser(sub)
     add_models_parser(sub)
+    add_anomaly_parser(sub)
 
     version = sub.add_parser("version", help="print the version")
     version.set_defaults(func=cmd_version)

@@ -33,6 +33,7 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from gateway.analyzers.config import AnalyzerConfig
 from gateway.errors import ConfigError
 from gateway.wire import Encoding
 
@@ -653,6 +654,28 @@ class GatewayConfig(BaseSettings):
     sources: list[SourceConfig] = Field(default_factory=list)
     profiles: dict[str, ProfileConfig] = Field(default_factory=dict)
     devices: list[DeviceConfig] = Field(default_factory=list)
+    analyzers: dict[str, AnalyzerConfig] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _analyzers_attach_once(self) -> GatewayConfig:
+        owner: dict[str, str] = {}
+        for name, analyzer in self.analyzers.items():
+            for device in analyzer.devices:
+                other = owner.setdefault(device, name)
+                if other != name:
+                    raise FieldCheckError(
+                        f"analyzers.{name}.devices",
+                        device,
+                        f"device {device!r} already has analyzer {other!r}: one per device",
+                    )
+            if analyzer.model and not self.inference.cards:
+                raise FieldCheckError(
+                    f"analyzers.{name}.model",
+                    analyzer.model,
+                    'needs its card in [inference] cards (e.g. "water_level/forecaster.toml"); '
+                    'model = "" runs the rules alone',
+                )
+        return self
 
     @model_validator(mode="after")
     def _one_source_per_serial_port(self) -> GatewayConfig:

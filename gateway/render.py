@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
+from gateway.analyzers.config import AnalyzerConfig
 from gateway.config import (
     ENV_PREFIX,
     ChirpStackSourceConfig,
@@ -156,6 +157,14 @@ def render_config(cfg: GatewayConfig) -> str:
         lines.append("# Device catalog: which devices use which profile, e.g.:")
         _render_model(_EXAMPLE_DEVICE, "devices", lines, commented=True, array=True)
         lines.append("")
+    if cfg.analyzers:
+        for name, analyzer in cfg.analyzers.items():
+            _render_model(analyzer, f"analyzers.{_toml_key(name)}", lines)
+            lines.append("")
+    else:
+        lines.append("# Analyzers: warnings and anomaly scores from a gauge's readings, e.g.:")
+        _render_model(_EXAMPLE_ANALYZER, "analyzers.anduze", lines, commented=True)
+        lines.append("")
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
@@ -167,6 +176,11 @@ _EXAMPLE_PROFILE = ProfileConfig(
         FieldMapConfig(field="Bat", name="battery", unit="V", valid_min=3.1),
     ],
     water_level=WaterLevelConfig(distance="distance", sensor_min_cm=30, sensor_max_cm=2000),
+)
+_EXAMPLE_ANALYZER = AnalyzerConfig(
+    profile="water-level",
+    devices=["a84041000181c071"],
+    stages_cm=[250.0, 400.0, 550.0, 700.0],
 )
 _EXAMPLE_DEVICE = DeviceConfig(
     dev_eui="a84041000181c071",

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 import gateway
+from gateway.types import Lane
 from gateway.wire import Encoding, decode
 from tests.support.socat import require_socat
 
@@ -317,14 +318,25 @@ def test_demo_prints_the_event_stream(tmp_path: Path) -> None:
     lines = result.stdout.splitlines()
     events = [decode(line.encode(), Encoding.JSON) for line in lines]
     assert len({e.event_id for e in events}) == len(events)
-    # The river recording: all 144 readings, in order.
+    # The river recording: all 144 readings, in order within each outbox lane (the flood's
+    # alarms travel in the alarm lane and may overtake telemetry).
     river = [e for e in events if e.device == "hubeau-V714401001"]
     assert len(river) == 144
-    stamps: list[datetime] = [e.ts for e in river]
-    assert all(a < b for a, b in itertools.pairwise(stamps))
+    for lane in Lane:
+        stamps: list[datetime] = [e.ts for e in river if e.lane == lane]
+        assert all(a < b for a, b in itertools.pairwise(stamps))
+    assert len({e.ts for e in river}) == 144
+    # Both gauges go through the water-level analyzer: the flood raises stage and rate-of-rise
+    # warnings, with the int8 model's provenance once it has scored the river's readings.
+    assert {e.kind for e in river} == {"water_level"}
+    warned = [e for e in river if "rate_of_rise" in e.quality and e.model is not None]
+    assert warned and warned[0].model is not None
+    assert warned[0].model.model_id == "water_level_forecaster"
+    assert {"stage_1", "stage_2", "stage_3", "stage_4"} <= {q for e in river for q in e.quality}
+    assert max(e.severity for e in river if "stage_4" in e.quality) == "critical"
     # The ChirpStack capture: a radar gauge's water level and a climate sensor, decoded by the
     # built-in codecs; the repeated frame is dropped, the two frames lost on air are reported.
-    gauge = [e for e in events if e.device == "a84041000181c071" and e.kind == "reading"]
+    gauge = [e for e in events if e.device == "a84041000181c071" and e.kind == "water_level"]
     f_cnts = [next(m.value for m in e.values if m.name == "f_cnt") for e in gauge]
     assert len(f_cnts) == len(set(f_cnts)) == 46
     levels = [next(m.value for m in e.values if m.name == "water_level") for e in gauge]

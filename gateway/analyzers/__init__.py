@@ -1,0 +1,1 @@
+"""Analyzers: turn readings into events with reasons (water level and generic series)."""

@@ -1,0 +1,1 @@
+"""The water-level forecaster: feature definition, data split, training and evaluation."""
