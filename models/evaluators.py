@@ -7,7 +7,10 @@ types are in :mod:`models.evaluation`.
 from __future__ import annotations
 
 from models.evaluation import Evaluator
+from models.water_level.evaluate import evaluate_forecaster
 
 __all__ = ["EVALUATORS"]
 
-EVALUATORS: dict[str, Evaluator] = {}
+EVALUATORS: dict[str, Evaluator] = {
+    "forecast": evaluate_forecaster,
+}

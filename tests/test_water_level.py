@@ -155,6 +155,17 @@ def test_an_echo_spike_is_flagged_forwarded_and_raises_no_alarm() -> None:
     assert flagged(results, "outlier") == [30]
 
 
+def test_a_steady_cycle_or_ramp_is_not_an_outlier() -> None:
+    # A daily cycle (tide, snow melt, a city's water use): far from a 3-hour median at times,
+    # but no single step is out of the ordinary.
+    cycle = [100 + 50 * math.sin(2 * math.pi * i / 48) for i in range(200)]
+    assert not flagged(run(cycle, profile="generic"), "outlier")
+    # A sensor taken out of the water (the Logan River's maintenance visits): the first reading
+    # jumps, and the run is flagged while it stays away from the median.
+    pulled = [*calm(30, level=60.0), 14.7, 14.3, 14.1, *calm(10, level=60.0, seed=4)]
+    assert flagged(run(pulled), "outlier") == [30, 31, 32]
+
+
 def test_a_drop_out_spike_does_not_fake_a_rise_afterwards() -> None:
     levels = [*calm(30), 20.0, *calm(12, seed=3)]
     results = run(levels)

@@ -15,7 +15,8 @@ Per reading, in this order:
    LoRaWAN gauge profile) → ``invalid`` plus the reason; the state is not updated by it.
 4. **Robust outliers**: the value deviates from the rolling median by more than ``outlier_k``
    robust deviations (1.4826 x MAD, floored by ``outlier_min_scale`` and by the series' usual
-   step) → ``outlier``. Flagged and forwarded, never dropped.
+   step), in a run that started with a jump of more than ``outlier_k`` usual steps → ``outlier``.
+   Flagged and forwarded, never dropped.
 5. **Flatline**: ``flatline_readings`` values within ``flatline_tolerance`` of the first of the
    run, spanning ``flatline_duration_s`` → ``flatline`` (a stuck sensor).
 6. **Level rules** (water-level profile): warning stages 1-4 with hysteresis (``stage_N`` while in
@@ -315,20 +316,34 @@ class SeriesAnalyzer:
         return self.complete(pending, prediction, model)
 
     def _outlier(self, value: float) -> int:
+        """+1 / -1 for a spike up / down, else 0.
+
+        An outlier departs from the rolling median by more than ``outlier_k`` robust deviations,
+        and a run of them starts with a jump of more than ``outlier_k`` usual steps from the
+        previous valid value: a river (or a daily cycle) ramping up steadily leaves its median
+        behind without any one step being out of the ordinary, and is not an outlier.
+        """
         recent = self._recent
         direction = 0
         if len(recent) >= _MIN_OUTLIER_HISTORY:
             median = statistics.median(recent)
             mad = statistics.median(abs(v - median) for v in recent)
-            # The series' usual step also floors the yardstick: on a quantised or smooth series
+            # The series' usual step floors both yardsticks: on a quantised or smooth series
             # the MAD can be 0, and an ordinary step is not a spike.
             step = self.forecast.scale() if self.forecast.ready else 0.0
-            scale = max(_MAD_TO_SD * mad, self.cfg.outlier_min_scale, step)
+            floor = max(self.cfg.outlier_min_scale, step)
+            scale = max(_MAD_TO_SD * mad, floor)
             deviation = value - median
-            # scale is 0 only with outlier_min_scale = 0 on a constant history: then any change
-            # stands out.
-            if abs(deviation) > self.cfg.outlier_k * scale and deviation != 0:
-                direction = 1 if deviation > 0 else -1
+            jump = value - recent[-1]
+            k = self.cfg.outlier_k
+            # With every yardstick at 0 (a constant history and outlier_min_scale = 0) any
+            # change stands out.
+            sign = (deviation > 0) - (deviation < 0)
+            # A run of outliers starts with an abnormal jump and lasts while the values stay
+            # far from the median (a sensor out of the water, the first hours of a flash flood).
+            starts = abs(jump) > k * floor and (jump > 0) == (deviation > 0)
+            if sign and abs(deviation) > k * scale and (starts or self._last_outlier == sign):
+                direction = sign
         recent.append(value)
         return direction
 
