@@ -47,6 +47,7 @@ from gateway.credentials import read_password, tls_context
 from gateway.errors import CodecError, ConfigError
 from gateway.health import Heartbeats, Metrics, Notifier, RateMeter
 from gateway.inference import InferenceEngine
+from gateway.model_commands import model_commands
 from gateway.outbox import Outbox
 from gateway.pipeline import OnStored, Pipeline
 from gateway.types import Emit, Event, Measurement, Reading, ReportError
@@ -376,6 +377,8 @@ class Gateway:
             self._sources = sources
             senders = [s.impl for s in sources if isinstance(s.impl, ChirpStackSource)]
             commands.register("downlink", downlink_command(senders))
+            for name, handler in model_commands(engine, cfg.inference).items():
+                commands.register(name, handler)
 
             async with asyncio.TaskGroup() as tg:
                 uplink_task = tg.create_task(uplink.run(), name="uplink")
@@ -511,10 +514,15 @@ class Gateway:
         log.info("source_finished", source=source.name)
 
     def _status(self, outbox: Outbox, uplink: Uplink) -> str:
-        return (
+        status = (
             f"broker {uplink.state}; outbox {outbox.depth()} queued; "
             f"{self._metrics.counters['events_out']} sent"
         )
+        unavailable = self._engine.unavailable() if self._engine is not None else {}
+        if unavailable:
+            # systemctl status shows this line: a refused model is seen without reading logs.
+            status += f"; models unavailable: {', '.join(sorted(unavailable))}"
+        return status
 
     async def _watchdog(self, outbox: Outbox, uplink: Uplink) -> None:
         watchdog_s = self._notifier.watchdog_interval_s
