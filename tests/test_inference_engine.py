@@ -31,6 +31,8 @@ from tests.support.tiny_models import (
     write_card,
 )
 
+SHIPPED_CARD = Path(__file__).resolve().parents[1] / "models" / "water_level" / "forecaster.toml"
+
 
 class Gate:
     """A one-thread executor whose thread the test can hold busy."""
@@ -428,3 +430,23 @@ async def test_close_fails_queued_calls_and_refuses_new_ones(tmp_path: Path, gat
     assert y.shape == (1, 2)
     with pytest.raises(ModelError, match="not running"):
         await eng.run("tiny_linear", {"x": _x(1, 0)})
+
+
+async def test_shipped_int8_model_batches_like_single_runs(gate: Gate) -> None:
+    card = SHIPPED_CARD
+    single = load_model(card)
+    assert single.card.quantization == "int8-qdq-static"
+    (spec,) = single.card.inputs
+    rng = np.random.default_rng(11)
+    windows = [rng.normal(size=(1, *spec.shape[1:])).astype(np.float32) for _ in range(12)]
+    async with InferenceEngine(_cfg(threads=1), executor=gate.pool) as eng:
+        await eng.load(card)
+        gate.close()
+        tasks = [asyncio.create_task(eng.run(single.model_id, {spec.name: w})) for w in windows]
+        await _let_calls_queue()
+        gate.open()
+        results = await asyncio.gather(*tasks)
+        assert eng.stats()["models"][single.model_id]["batch_size"]["max"] == 11
+    for window, (batched,) in zip(windows, results, strict=True):
+        (alone,) = single.run({spec.name: window})
+        np.testing.assert_allclose(batched, alone, rtol=1e-6, atol=1e-6)
