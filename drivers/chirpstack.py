@@ -36,7 +36,13 @@ from drivers.lorawan import (
     uplink_from_message,
 )
 from drivers.lorawan import message_time as _message_time
-from drivers.mqtt_intake import MqttIntake, MqttIntakeError, MqttRefusedError
+from drivers.mqtt_intake import (
+    MQTT_5,
+    TERMINAL_CONNACK,
+    MqttIntake,
+    MqttIntakeError,
+    MqttRefusedError,
+)
 from gateway.errors import CodecError, TerminalUplinkError
 from gateway.types import (
     Emit,
@@ -50,9 +56,9 @@ from gateway.types import (
 
 log = structlog.get_logger(__name__)
 
-# CONNACK codes a retry cannot fix: bad credentials, not authorised (MQTT 3.1.1 §3.2.2.3).
-_TERMINAL_CONNACK = {4, 5}
 _SILENT_CHECK_S = 5.0
+# Messages processed between two turns of the event loop (about 5 ms of work).
+_YIELD_EVERY = 64
 _LOG_SEVERITY = {"INFO": Severity.INFO, "WARNING": Severity.WARNING, "ERROR": Severity.ALARM}
 
 
@@ -108,6 +114,9 @@ class BrokerSettings:
     # Messages received and not yet acknowledged (committed) before reading pauses: bounds
     # memory while the broker pushes a backlog; the broker keeps the rest for the session.
     max_unacked: int = 1000
+    # MQTT 5 (default): max_unacked becomes the Receive Maximum the broker honours; 4 = 3.1.1
+    # for brokers without 5, where the broker's max_inflight_messages (20 by default) rules.
+    mqtt_version: int = MQTT_5
 
 
 # LoRaWAN's largest application payload (DR with 242-byte MACPayload limit, minus nothing for
@@ -222,9 +231,10 @@ class ChirpStackSource:
                 keepalive_s=broker.keepalive_s,
                 tls_context=broker.tls_context(),
                 max_unacked=broker.max_unacked,
+                version=broker.mqtt_version,
             )
         except MqttRefusedError as exc:
-            if exc.rc in _TERMINAL_CONNACK:
+            if exc.rc in TERMINAL_CONNACK:
                 raise TerminalUplinkError(
                     f"source {self.name}: broker {broker.host}:{broker.port} refused: {exc}"
                 ) from exc
@@ -242,7 +252,7 @@ class ChirpStackSource:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._watch_silence(emit), name=f"{self.name}-silence")
                 while True:
-                    for message in await client.batch():
+                    for n, message in enumerate(await client.batch(), start=1):
                         await self._process(
                             message.topic,
                             message.payload,
@@ -250,6 +260,11 @@ class ChirpStackSource:
                             report_error,
                             client.acker(message),
                         )
+                        if n % _YIELD_EVERY == 0:
+                            # A backlog arrives in batches of hundreds; without a turn of the
+                            # loop now and then, the outbox commit, the PUBACKs and the uplink
+                            # would all wait for the whole batch (tens of ms).
+                            await asyncio.sleep(0)
         except MqttIntakeError as exc:
             log.warning("chirpstack_disconnected", source=self.name, error=str(exc))
             raise _SessionLostError(str(exc)) from exc

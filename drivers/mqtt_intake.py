@@ -47,13 +47,30 @@ _DISCONNECT = b"\xe0\x00"
 # A larger packet from the local broker is a broken peer, not data: refuse it before buffering.
 MAX_PACKET_BYTES = 1 << 20
 
+MQTT_311 = 4
+MQTT_5 = 5
+
 CONNACK_REASONS = {
     1: "unacceptable protocol version",
     2: "client identifier rejected",
     3: "server unavailable",
     4: "bad user name or password",
     5: "not authorised",
+    # MQTT 5 reason codes (§3.2.2.2)
+    0x80: "unspecified error",
+    0x81: "malformed packet",
+    0x82: "protocol error",
+    0x84: "unsupported protocol version",
+    0x85: "client identifier not valid",
+    0x86: "bad user name or password",
+    0x87: "not authorised",
+    0x88: "server unavailable",
+    0x89: "server busy",
+    0x8A: "banned",
+    0x8C: "bad authentication method",
 }
+# Refusals a retry cannot fix: credentials and authorisation (3.1.1 and 5).
+TERMINAL_CONNACK = frozenset({4, 5, 0x86, 0x87, 0x8A, 0x8C})
 
 
 class MqttIntakeError(Exception):
@@ -96,6 +113,15 @@ def _packet(first: int, body: bytes) -> bytes:
             return bytes(header) + body
 
 
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
 def connect_packet(
     client_id: str,
     *,
@@ -103,7 +129,11 @@ def connect_packet(
     clean_session: bool,
     username: str | None,
     password: str | None,
+    version: int = 4,
+    receive_maximum: int = 0,
+    session_expiry_s: int = 0,
 ) -> bytes:
+    """CONNECT for MQTT 3.1.1 (version 4) or 5 (with Receive Maximum and Session Expiry)."""
     flags = 0x02 if clean_session else 0
     payload = _utf8(client_id)
     if username is not None:
@@ -112,7 +142,14 @@ def connect_packet(
         if password is not None:
             flags |= 0x40
             payload += _utf8(password)
-    head = _utf8("MQTT") + bytes([4, flags]) + struct.pack("!H", keepalive_s)
+    head = _utf8("MQTT") + bytes([version, flags]) + struct.pack("!H", keepalive_s)
+    if version == MQTT_5:
+        props = b""
+        if session_expiry_s:
+            props += b"\x11" + struct.pack("!I", session_expiry_s)
+        if receive_maximum:
+            props += b"\x21" + struct.pack("!H", receive_maximum)
+        head += _varint(len(props)) + props
     return _packet(_CONNECT, head + payload)
 
 
@@ -123,8 +160,9 @@ def puback(packet_id: int) -> bytes:
 class _Protocol(asyncio.Protocol):
     """One connection's byte stream: parsing, flow control and outstanding requests."""
 
-    def __init__(self, max_unacked: int) -> None:
+    def __init__(self, max_unacked: int, version: int = MQTT_311) -> None:
         self._loop = asyncio.get_running_loop()
+        self.version = version
         self._max_unacked = max_unacked
         self._buf = bytearray()
         self._transport: asyncio.Transport | None = None
@@ -140,6 +178,7 @@ class _Protocol(asyncio.Protocol):
         # Requests we sent, by packet id: SUBACK (granted QoS list) or PUBACK (None).
         self.pending: dict[int, asyncio.Future[bytes]] = {}
         self.last_received = self._loop.time()
+        self.server_keepalive_s: int | None = None
         self.closed: asyncio.Future[None] = self._loop.create_future()
 
     # -- asyncio.Protocol ------------------------------------------------------------------
@@ -150,6 +189,10 @@ class _Protocol(asyncio.Protocol):
         self._sock = sock if isinstance(sock, socket.socket) else None
 
     def data_received(self, data: bytes) -> None:
+        if self._error is not None:
+            # The stream is out of step (or the session is gone): parsing the kept buffer again
+            # would deliver its messages a second time.
+            return
         self.last_received = self._loop.time()
         self._quick_ack()
         buf = self._buf
@@ -209,14 +252,22 @@ class _Protocol(asyncio.Protocol):
             kind = first & 0xF0
             if kind == _PUBLISH:
                 qos = (first >> 1) & 3
+                if length < 2:
+                    raise MqttIntakeError("malformed PUBLISH: no topic length")
                 topic_len = (buf[i] << 8) | buf[i + 1]
                 t_end = i + 2 + topic_len
+                if t_end + (2 if qos else 0) > stop:
+                    raise MqttIntakeError("malformed PUBLISH: topic or packet id past its end")
                 topic = buf[i + 2 : t_end].decode("utf-8", "replace")
+                start = t_end + 2 if qos else t_end
+                if self.version == MQTT_5:
+                    # Properties (message expiry, content type, ...): nothing the intake uses.
+                    start = _skip_properties(buf, start, stop)
                 if qos == 1:
                     packet_id = (buf[t_end] << 8) | buf[t_end + 1]
-                    ready.append(IntakeMessage(topic, bytes(buf[t_end + 2 : stop]), 1, packet_id))
+                    ready.append(IntakeMessage(topic, bytes(buf[start:stop]), 1, packet_id))
                 elif qos == 0:
-                    ready.append(IntakeMessage(topic, bytes(buf[t_end:stop]), 0, 0))
+                    ready.append(IntakeMessage(topic, bytes(buf[start:stop]), 0, 0))
                 else:
                     # We subscribe at QoS 1, so the broker downgrades; QoS 2 is a broken peer.
                     raise MqttIntakeError("QoS 2 PUBLISH on a QoS 1 subscription")
@@ -227,16 +278,30 @@ class _Protocol(asyncio.Protocol):
 
     def _control(self, kind: int, body: bytes) -> None:
         if kind == _CONNACK:
-            if len(body) != 2:
+            # 3.1.1: flags, return code. 5: flags, reason code, properties (a refusing broker
+            # that does not speak 5 answers in the 3.1.1 form, hence >= 2).
+            if len(body) < 2:
                 raise MqttIntakeError("malformed CONNACK")
+            if self.version == MQTT_5 and len(body) > 2:
+                self.server_keepalive_s = _server_keepalive(body, 2)
             if not self.connack.done():
                 self.connack.set_result((body[1], bool(body[0] & 1)))
         elif kind in (_PUBACK, _SUBACK & 0xF0):
             if len(body) < 2:
                 raise MqttIntakeError("malformed acknowledgement")
+            rest = body[2:]
+            if self.version == MQTT_5:
+                if kind == _PUBACK:
+                    rest = rest[:1]  # the reason code (absent: success), not the properties
+                else:
+                    rest = bytes(body[_skip_properties(body, 2, len(body)) :])
             future = self.pending.pop((body[0] << 8) | body[1], None)
             if future is not None and not future.done():
-                future.set_result(body[2:])
+                future.set_result(rest)
+        elif kind == _DISCONNECT[0] and self.version == MQTT_5:
+            # MQTT 5 lets the broker say why it hangs up (session taken over, shutting down).
+            code = body[0] if body else 0
+            raise MqttIntakeError(f"broker disconnected: reason code 0x{code:02x}")
         elif kind != _PINGRESP:
             raise MqttIntakeError(f"unexpected packet type {kind >> 4}")
 
@@ -311,6 +376,69 @@ class _Protocol(asyncio.Protocol):
 _QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
 
 
+def _property_length(buf: bytes | bytearray, pos: int, stop: int) -> tuple[int, int]:
+    """An MQTT 5 property length (variable byte integer) at ``pos``: (length, first byte after)."""
+    length, shift = 0, 0
+    while True:
+        if pos >= stop or shift > 21:
+            raise MqttIntakeError("malformed properties")
+        byte = buf[pos]
+        pos += 1
+        length |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return length, pos
+        shift += 7
+
+
+def _skip_properties(buf: bytes | bytearray, pos: int, stop: int) -> int:
+    length, pos = _property_length(buf, pos, stop)
+    if pos + length > stop:
+        raise MqttIntakeError("malformed properties: longer than the packet")
+    return pos + length
+
+
+def _server_keepalive(body: bytes, pos: int) -> int | None:
+    """Server Keep Alive (property 0x13) from CONNACK properties, if the broker set one."""
+    length, pos = _property_length(body, pos, len(body))
+    end = pos + length
+    # Property identifiers and their value sizes (MQTT 5 §2.2.2.2), enough to walk a CONNACK.
+    fixed = {
+        0x11: 4,
+        0x12: -1,
+        0x13: 2,
+        0x15: -1,
+        0x16: -2,
+        0x1A: -1,
+        0x1C: -1,
+        0x1F: -1,
+        0x21: 2,
+        0x22: 2,
+        0x24: 1,
+        0x25: 1,
+        0x26: -3,
+        0x27: 4,
+        0x28: 1,
+        0x29: 1,
+        0x2A: 1,
+    }
+    while pos < end:
+        ident = body[pos]
+        pos += 1
+        size = fixed.get(ident)
+        if size is None:
+            raise MqttIntakeError(f"malformed CONNACK: unknown property 0x{ident:02x}")
+        if ident == 0x13:
+            return int.from_bytes(body[pos : pos + 2], "big")
+        if size > 0:
+            pos += size
+        elif size == -3:  # user property: two strings
+            for _ in range(2):
+                pos += 2 + int.from_bytes(body[pos : pos + 2], "big")
+        else:  # a string or binary data
+            pos += 2 + int.from_bytes(body[pos : pos + 2], "big")
+    return None
+
+
 class MqttIntake:
     """One connected session; create with :meth:`connect`, end with :meth:`close`."""
 
@@ -335,20 +463,30 @@ class MqttIntake:
         tls_context: ssl.SSLContext | None = None,
         max_unacked: int = 2000,
         timeout_s: float = 10.0,
+        version: int = MQTT_5,
+        session_expiry_s: int = 0xFFFFFFFF,
     ) -> MqttIntake:
-        """Connect and wait for CONNACK; raises MqttRefusedError or MqttIntakeError."""
+        """Connect and wait for CONNACK; raises MqttRefusedError or MqttIntakeError.
+
+        With MQTT 5 the client announces ``max_unacked`` as its Receive Maximum, so the broker
+        keeps that many messages in flight to it instead of its own ``max_inflight_messages``
+        (mosquitto's default, 20, made the commit round trip the ceiling: 20 uplinks per
+        fsync). A kept session (``clean_session=False``) lives ``session_expiry_s`` at the
+        broker (MQTT 5 ends it at disconnect unless told otherwise; 0xFFFFFFFF: never).
+        """
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(timeout_s):
                 _transport, protocol = await loop.create_connection(
-                    lambda: _Protocol(max_unacked),
+                    lambda: _Protocol(max_unacked, version),
                     host,
                     port,
                     ssl=tls_context,
                     server_hostname=host if tls_context is not None else None,
                 )
         except (OSError, TimeoutError) as exc:
-            raise MqttIntakeError(f"cannot connect to {host}:{port}: {exc or 'timed out'}") from exc
+            reason = str(exc) or "timed out"  # TimeoutError has no message of its own
+            raise MqttIntakeError(f"cannot connect to {host}:{port}: {reason}") from exc
         try:
             protocol.send(
                 connect_packet(
@@ -357,6 +495,9 @@ class MqttIntake:
                     clean_session=clean_session,
                     username=username,
                     password=password,
+                    version=version,
+                    receive_maximum=min(max_unacked, 0xFFFF) if version == MQTT_5 else 0,
+                    session_expiry_s=0 if clean_session or version != MQTT_5 else session_expiry_s,
                 )
             )
             async with asyncio.timeout(timeout_s):
@@ -370,6 +511,8 @@ class MqttIntake:
         if rc != 0:
             protocol.abort("refused")
             raise MqttRefusedError(rc)
+        # MQTT 5: the broker may impose its own keepalive (Server Keep Alive), which then rules.
+        keepalive_s = protocol.server_keepalive_s or keepalive_s
         return cls(protocol, keepalive_s, session_present)
 
     def _packet_id(self) -> int:
@@ -396,6 +539,8 @@ class MqttIntake:
     async def subscribe(self, topic: str, qos: int = 1, timeout_s: float = 10.0) -> int:
         """Subscribe; returns the granted QoS (raises MqttIntakeError on refusal)."""
         body = _utf8(topic) + bytes([qos])
+        if self._protocol.version == MQTT_5:
+            body = b"\x00" + body  # no properties; the options byte carries the QoS as in 3.1.1
         granted = await self._request(
             lambda pid: _packet(_SUBSCRIBE, struct.pack("!H", pid) + body), timeout_s
         )
@@ -408,13 +553,17 @@ class MqttIntake:
     ) -> None:
         """Publish at QoS 0 or 1 (waiting for the PUBACK)."""
         head = _utf8(topic)
+        props = b"\x00" if self._protocol.version == MQTT_5 else b""
         if qos == 0:
-            self._protocol.send(_packet(_PUBLISH, head + payload))
+            self._protocol.send(_packet(_PUBLISH, head + props + payload))
             return
-        await self._request(
-            lambda pid: _packet(_PUBLISH | 0x02, head + struct.pack("!H", pid) + payload),
+        reason = await self._request(
+            lambda pid: _packet(_PUBLISH | 0x02, head + struct.pack("!H", pid) + props + payload),
             timeout_s,
         )
+        # MQTT 5: a PUBACK may refuse (0x87 not authorised, 0x97 quota exceeded, ...).
+        if reason and reason[0] >= 0x80:
+            raise MqttIntakeError(f"publish to {topic} refused: reason code 0x{reason[0]:02x}")
 
     async def batch(self) -> list[IntakeMessage]:
         """The messages received since the last call (waits for at least one)."""
@@ -450,6 +599,9 @@ class MqttIntake:
         self._pinger.cancel()
         with contextlib.suppress(MqttIntakeError, asyncio.CancelledError):
             await self._pinger
+        # PUBACKs queued for this loop iteration go out ahead of DISCONNECT, or the broker would
+        # redeliver messages already committed (awaiting a finished pinger does not yield).
+        self._protocol._flush_acks()
         with contextlib.suppress(MqttIntakeError, AssertionError):
             self._protocol.send(_DISCONNECT)
         self._protocol.close()

@@ -61,6 +61,8 @@ CREATE INDEX IF NOT EXISTS events_lane_seq ON events (lane, seq);
 # Age eviction scans the head of the telemetry lane; once a second is plenty.
 _AGE_CHECK_INTERVAL_S = 1.0
 _EVICT_CHUNK = 1000
+# Rows per INSERT: 5 parameters each, under the 999 host parameters old SQLite builds allow.
+_INSERT_CHUNK = 199
 _ACK_CHUNK = 900
 # A commit group of at least this many rows is written at once, without lingering.
 _LINGER_BELOW_ROWS = 64
@@ -70,6 +72,13 @@ _LINGER_BELOW_ROWS = 64
 # it waits on this commit, no company worth waiting for can arrive, and lingering would only stall
 # the sender. A trickle (a few messages per linger window) still lingers and coalesces.
 _LINGER_BELOW_HELD = 10
+
+
+@functools.lru_cache(maxsize=8)
+def _insert_sql(rows: int) -> str:
+    values = ",".join(["(?, ?, ?, ?, ?)"] * rows)
+    # Only placeholders are repeated into the statement; the values are bound.
+    return f"INSERT INTO events (lane, kind, event_id, created_ms, payload) VALUES {values}"  # noqa: S608
 
 
 @dataclass(frozen=True, slots=True)
@@ -469,12 +478,18 @@ class Outbox:
                     totals.rows -= 1
                     totals.bytes -= size
             rows = [row for put in batch for row in put.rows]
+            # Many rows per statement, not executemany's one step per row: the sqlite3 module
+            # releases and re-takes the GIL around every step, and re-taking it waits for the
+            # event loop thread (up to the 5 ms switch interval) each time.
+            for start in range(0, len(rows), _INSERT_CHUNK):
+                inserting = rows[start : start + _INSERT_CHUNK]
+                params = [
+                    value
+                    for r in inserting
+                    for value in (int(r.lane), r.kind, r.event_id, r.created_ms, r.payload)
+                ]
+                db.execute(_insert_sql(len(inserting)), params)
             if rows:
-                db.executemany(
-                    "INSERT INTO events (lane, kind, event_id, created_ms, payload) "
-                    "VALUES (?, ?, ?, ?, ?)",
-                    [(int(r.lane), r.kind, r.event_id, r.created_ms, r.payload) for r in rows],
-                )
                 for row in rows:
                     totals = self._totals[row.lane]
                     totals.rows += 1
