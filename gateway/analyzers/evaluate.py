@@ -144,8 +144,9 @@ def evaluate_nab(root: Path, model: Model, report: Report) -> None:
     report.add(
         "### NAB: labelled anomaly windows (generic profile)",
         "",
-        "| series | eval rows | windows | detected | by model alone | first flag after opening (h) "
-        "| false-alarm rows | false-alarm episodes | per 1000 rows outside |",
+        "| series | eval rows | windows | detected | with a learned-score flag "
+        "| first flag after opening (h) | false-alarm rows | false-alarm episodes "
+        "| per 1000 rows outside |",
         "|---|---:|---:|---:|---:|---|---:|---:|---:|",
     )
     cfg = AnalyzerConfig(profile="generic")
@@ -383,13 +384,24 @@ def evaluate_stage_qc(root: Path, model: Model, report: Report) -> None:
     for flag in sorted(QC_FLAGS):
         with_flag = {i for i in rows if flag in results[i].flags}
         report.add(f"| {flag} | {len(with_flag)} | {len(with_flag & positives)} |")
-    warned = sum(any(f in results[i].flags for f in WARNING_FLAGS) for i in rows)
+    warned = _warning_episodes(results, rows)
+    described = [
+        f"{series.times[a]:%Y-%m-%d %H:%M} ({b - a + 1} rows"
+        + (
+            f", right after rows the technician {labels[a - 1]}"
+            if labels[a - 1] in FAULT_LABELS or labels[a] in FAULT_LABELS
+            else ""
+        )
+        + ")"
+        for a, b in warned
+    ]
     report.add(
         "",
-        f"Hydrological warnings (not counted as suspect): {warned} rows with a stage or "
-        "rate-of-rise flag, during the spring snow-melt high flow.",
+        f"Hydrological warnings (stage or rate of rise; not counted as suspect points): "
+        f"{len(warned)} episode(s){': ' if described else ''}{'; '.join(described)}.",
         "",
     )
+    report.figures["stage_qc_warning_episodes"] = len(warned)
     report.figures["stage_qc_precision"] = round(precision, 4)
     report.figures["stage_qc_recall"] = round(recall, 4)
     report.figures["stage_qc_episodes_found"] = found

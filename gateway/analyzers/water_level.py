@@ -24,7 +24,9 @@ Per reading, in this order:
    window (``rate_of_rise``, with hysteresis). A lone outlier does not move them: an echo spike is
    one reading; a second reading deviating the same way confirms a real change, and it is that
    reading which raises the warning (one reading of delay only when the onset itself looks like
-   a spike).
+   a spike; meanwhile the reading says ``unconfirmed`` at warning severity). Outliers *below* the
+   series never move them: a sensor out of the water must not clear a warning, nor make its
+   return look like a flash flood.
 7. **Learned score**: the forecaster's standardised error (see :mod:`models.water_level.features`)
    → ``score`` in [0, 1); at or above the threshold → ``learned_anomaly``. The model call happens
    between :meth:`SeriesAnalyzer.observe` and :meth:`SeriesAnalyzer.complete`, so the caller
@@ -258,8 +260,10 @@ class SeriesAnalyzer:
         if direction:
             flags.append("outlier")
         # A lone spike does not move the warning state; a second reading that deviates the
-        # same way confirms the change.
-        confirmed = direction in (0, self._last_outlier)
+        # same way confirms the change. A run that dropped away abruptly (a sensor lifted out of
+        # the water, a lost echo) never does: it neither clears a warning nor becomes the low
+        # point the next rise is measured from. Rivers do not fall off a cliff; sensors do.
+        confirmed = direction in (0, self._last_outlier) and direction >= 0
         self._last_outlier = direction
         if self._flatline(ts, value):
             flags.append("flatline")
@@ -525,12 +529,11 @@ def event_kind(cfg: AnalyzerConfig) -> str:
 
 
 def to_event(reading: Reading, analysis: Analysis, cfg: AnalyzerConfig) -> Event:
-    """The reading's one event: its values as they came, plus rise and score, all reasons."""
+    """The reading's one event: its values as they came plus the rise, every reason as a flag,
+    and the model's provenance (with its score) when the model scored the reading."""
     values = list(reading.values)
     if analysis.rise is not None:
         values.append(Measurement("rise", round(analysis.rise, 3), "cm"))
-    if analysis.model is not None:
-        values.append(Measurement("anomaly_score", round(analysis.score, 6)))
     flags = list(dict.fromkeys((*analysis.flags, *reading.quality)))
     if len(flags) > MAX_QUALITY_FLAGS:
         # The analyzer's own flags come first and are the ones kept: they carry the severity.
