@@ -34,7 +34,7 @@ from pydantic_settings import (
 )
 
 from gateway.analyzers.config import AnalyzerConfig
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, GatewayError
 from gateway.wire import Encoding
 
 DEFAULT_CONFIG_PATH = Path("/etc/edge-gateway/gateway.toml")
@@ -846,7 +846,32 @@ def _check_files(cfg: GatewayConfig, environ: Mapping[str, str] | None) -> list[
         problem = _codec_problem(profile.codec)
         if problem:
             problems.append(f"profiles.{profile_name}.codec: {problem} (got: {profile.codec!r})")
+    problems += _analyzer_model_problems(cfg)
     return problems
+
+
+def _analyzer_model_problems(cfg: GatewayConfig) -> list[str]:
+    """An analyzer's model must be the name of one of the configured cards.
+
+    Cards that cannot be read are left to the engine, which refuses them at start with the reason.
+    """
+    from models.card import load_card  # noqa: PLC0415 -- only when analyzers name models
+
+    wanted = {name: a.model for name, a in cfg.analyzers.items() if a.model}
+    if not wanted:
+        return []
+    names: list[str] = []
+    for card in cfg.inference.cards:
+        try:
+            names.append(load_card(cfg.inference.card_path(card)).name)
+        except GatewayError:
+            return []
+    return [
+        f"analyzers.{name}.model: no card in [inference] cards is named {model!r} "
+        f"(cards: {', '.join(names)})"
+        for name, model in wanted.items()
+        if model not in names
+    ]
 
 
 def check_ports(cfg: GatewayConfig) -> tuple[list[str], list[str]]:

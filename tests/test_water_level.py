@@ -25,6 +25,8 @@ from gateway.analyzers.water_level import (
     observation,
     to_event,
 )
+from gateway.config import config_from_dict
+from gateway.errors import ConfigError
 from gateway.inference import LoadedModel, load_model
 from gateway.types import Lane, Measurement, Reading, Severity
 from models.water_level.features import ForecastParams, ForecastState, squash
@@ -289,6 +291,26 @@ def test_profile_defaults_fill_only_what_is_not_given() -> None:
         AnalyzerConfig(stages_cm=[300.0, 200.0])
     with pytest.raises(ValidationError, match="more than once"):
         AnalyzerConfig(devices=["a", "a"])
+
+
+def test_check_config_names_an_analyzer_model_without_a_card() -> None:
+    base = {
+        "inference": {"cards": ["water_level/forecaster.toml"]},
+        "analyzers": {"anduze": {"devices": ["a84041000181c071"]}},
+    }
+    assert config_from_dict(base, "t").analyzers["anduze"].model == "water_level_forecaster"
+    wrong = {**base, "analyzers": {"anduze": {"devices": ["g"], "model": "water_levl"}}}
+    with pytest.raises(ConfigError) as exc:
+        config_from_dict(wrong, "t")
+    assert exc.value.problems == [
+        "analyzers.anduze.model: no card in [inference] cards is named 'water_levl' "
+        "(cards: water_level_forecaster)"
+    ]
+    with pytest.raises(ConfigError, match=r"analyzers\.anduze\.model: needs its card"):
+        config_from_dict({"analyzers": base["analyzers"]}, "t")
+    twice = {**base, "analyzers": {"a": {"devices": ["g"]}, "b": {"devices": ["g"]}}}
+    with pytest.raises(ConfigError, match=r"analyzers\.b\.devices: device 'g' already has"):
+        config_from_dict(twice, "t")
 
 
 # -- the learned score with the shipped int8 model ------------------------------------------
