@@ -60,6 +60,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import gc
 import json
 import math
 import os
@@ -664,6 +665,7 @@ async def run_gateway(args: argparse.Namespace) -> dict[str, Any]:
     from gateway.config import config_from_dict
 
     gateway = Gateway(config_from_dict(gateway_config(args), "bench"), {})
+    gc.freeze()  # as `edge-gateway run` does before it starts the gateway
     task = asyncio.create_task(gateway.run(), name="gateway")
     source: Any = None
     async with asyncio.timeout(30):

@@ -10,13 +10,14 @@ accepted is already on disk.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import math
 import os
 import signal
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
@@ -26,11 +27,11 @@ from drivers.codecs import get_codec
 from drivers.jscodec import JsCodec
 from drivers.lorawan import Codec, FieldMap, Profile, WaterLevel
 from drivers.modbus import ModbusRegister, ModbusRtuSource, ModbusSlave
+from drivers.mqtt_intake import MQTT_5, MQTT_311
 from drivers.replay import ReplaySource
 from drivers.sdi12 import Sdi12Sensor, Sdi12Source, Sdi12Value
 from drivers.serial_port import SerialSettings, SerialSource
 from gateway import __version__
-from gateway.analyzers.runtime import Analyzers
 from gateway.commands import Commands, downlink_command, ping
 from gateway.config import (
     ChirpStackSourceConfig,
@@ -46,13 +47,15 @@ from gateway.config import (
 from gateway.credentials import read_password, tls_context
 from gateway.errors import CodecError, ConfigError
 from gateway.health import Heartbeats, Metrics, Notifier, RateMeter
-from gateway.inference import InferenceEngine
-from gateway.model_commands import model_commands
 from gateway.outbox import Outbox
 from gateway.pipeline import OnStored, Pipeline
 from gateway.types import Emit, Event, Measurement, Reading, ReportError
 from gateway.uplink import FileUplink, MqttUplink, Uplink
 from gateway.wire import Encoding
+
+if TYPE_CHECKING:
+    from gateway.analyzers.runtime import Analyzers
+    from gateway.inference import InferenceEngine
 
 log = structlog.get_logger(__name__)
 
@@ -192,6 +195,8 @@ def build_source(
             tls_context=functools.partial(tls_context, f"{key}.tls", cfg.tls, environ),
             reconnect_min_s=cfg.reconnect_min_s,
             reconnect_max_s=cfg.reconnect_max_s,
+            max_unacked=cfg.max_unacked,
+            mqtt_version=MQTT_5 if cfg.mqtt_version == "5" else MQTT_311,
         )
         source = ChirpStackSource(
             cfg.name,
@@ -348,6 +353,26 @@ class Gateway:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(signum)
 
+    async def _start_models(
+        self, stack: contextlib.AsyncExitStack
+    ) -> tuple[InferenceEngine | None, Analyzers | None]:
+        """The inference engine and analyzers, when the config has models or analyzers."""
+        cfg = self._cfg
+        if not (cfg.inference.cards or cfg.inference.shadow or cfg.analyzers):
+            return None, None
+        # Imported only now: onnxruntime and numpy add ~30 MB of RSS that a gateway only
+        # forwarding sensor readings should not carry.
+        from gateway.analyzers.runtime import Analyzers  # noqa: PLC0415
+        from gateway.inference import InferenceEngine  # noqa: PLC0415
+
+        engine = await stack.enter_async_context(InferenceEngine(cfg.inference))
+        # Models are verified (sha256, signature, warm-up) before any source starts; one that
+        # fails is left out and its analyzers run on their rules alone.
+        await engine.load_configured()
+        self._engine = engine
+        analyzers = Analyzers(cfg.analyzers, engine, self._metrics) if cfg.analyzers else None
+        return engine, analyzers
+
     async def _run(self, *, stop_when_sources_done: bool) -> int:
         cfg = self._cfg
         uplink_cfg = cfg.uplink
@@ -355,15 +380,9 @@ class Gateway:
             uplink_cfg.encoding if isinstance(uplink_cfg, MqttUplinkConfig) else Encoding.JSON
         )
         log.info("gateway_starting", version=__version__, gateway_id=self._gateway_id)
-        async with (
-            Outbox(cfg.outbox_path, cfg.outbox, encoding) as outbox,
-            InferenceEngine(cfg.inference) as engine,
-        ):
-            # Models are verified (sha256, signature, warm-up) before any source starts; one
-            # that fails is left out and its analyzers run on their rules alone.
-            await engine.load_configured()
-            self._engine = engine
-            analyzers = Analyzers(cfg.analyzers, engine, self._metrics) if cfg.analyzers else None
+        async with contextlib.AsyncExitStack() as stack:
+            outbox = await stack.enter_async_context(Outbox(cfg.outbox_path, cfg.outbox, encoding))
+            engine, analyzers = await self._start_models(stack)
             outbox.heartbeat = self._heartbeats.register("outbox")
             pipeline = Pipeline(cfg.pipeline, outbox, self._metrics)
             pipeline.heartbeat = self._heartbeats.register("pipeline")
@@ -377,8 +396,11 @@ class Gateway:
             self._sources = sources
             senders = [s.impl for s in sources if isinstance(s.impl, ChirpStackSource)]
             commands.register("downlink", downlink_command(senders))
-            for name, handler in model_commands(engine, cfg.inference).items():
-                commands.register(name, handler)
+            if engine is not None:
+                from gateway.model_commands import model_commands  # noqa: PLC0415
+
+                for name, handler in model_commands(engine, cfg.inference).items():
+                    commands.register(name, handler)
 
             async with asyncio.TaskGroup() as tg:
                 uplink_task = tg.create_task(uplink.run(), name="uplink")

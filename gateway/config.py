@@ -337,6 +337,18 @@ class ChirpStackSourceConfig(_Section):
     )
     reconnect_min_s: float = Field(1.0, gt=0)
     reconnect_max_s: float = Field(30.0, gt=0)
+    mqtt_version: Literal["5", "3.1.1"] = Field(
+        "5",
+        description="5 lets the broker keep max_unacked uplinks in flight to the gateway "
+        "(Receive Maximum); with 3.1.1 the broker's max_inflight_messages (mosquitto: 20) rules.",
+    )
+    max_unacked: int = Field(
+        1000,
+        ge=1,
+        le=65535,
+        description="Uplinks received but not yet committed to the outbox; beyond this the "
+        "gateway stops reading and the broker holds the rest for the session.",
+    )
 
     @model_validator(mode="after")
     def _plaintext_is_local_or_explicit(self) -> ChirpStackSourceConfig:
