@@ -37,8 +37,9 @@ Limits (each failure raises :class:`gateway.errors.CodecError` naming the file):
   fire earlier in wall time, never later. QuickJS only polls the handler every 10,000 jumps or calls
   and not inside one builtin, so a loop whose every iteration does heavy native work overshoots
   (seconds), and a catastrophically backtracking regular expression is not interrupted at all.
-  A hard wall-clock bound needs a process boundary; that belongs to the caller, not to this pure
-  module.
+  A hard wall-clock bound needs a process boundary: :class:`drivers.jsworker.JsWorker` runs this
+  codec in a worker process that is killed at its deadline (``timeout_ms`` plus a margin), and the
+  daemon and ``edge-gateway codec run`` use it. This module stays the pure in-process engine.
 * Memory: ``memory_limit_bytes`` per decode (default 16 MiB) for the runtime's whole heap.
 * Output: ``max_output_bytes`` of JSON (default 64 KiB).
 

@@ -24,7 +24,7 @@ import structlog
 from drivers.ascii_lines import AsciiLineSource, FieldSpec, Framing, LineParser
 from drivers.chirpstack import BrokerSettings, Catalog, ChirpStackSource, DeviceRule
 from drivers.codecs import get_codec
-from drivers.jscodec import JsCodec
+from drivers.jsworker import JsWorker
 from drivers.lorawan import Codec, FieldMap, Profile, WaterLevel
 from drivers.modbus import ModbusRegister, ModbusRtuSource, ModbusSlave
 from drivers.mqtt_intake import MQTT_5, MQTT_311
@@ -118,12 +118,22 @@ def lorawan_summary(source: ChirpStackSource) -> dict[str, Any]:
     }
 
 
-def build_profile(name: str, cfg: ProfileConfig) -> Profile:
-    """A device profile with its codec resolved (built-in registry or a JavaScript file)."""
+# Owns the JavaScript codecs' worker processes: the daemon's AsyncExitStack, a tool's ExitStack.
+Workers = contextlib.ExitStack | contextlib.AsyncExitStack
+
+
+def build_profile(name: str, cfg: ProfileConfig, workers: Workers | None = None) -> Profile:
+    """A device profile with its codec resolved (built-in registry or a JavaScript file).
+
+    A JavaScript codec runs in a worker process with a hard deadline per frame (a hung decoder
+    would otherwise stall the event loop); the worker is started here and ``workers`` closes it.
+    """
     codec: Codec | None = None
     if cfg.codec.startswith("js:"):
         path = Path(cfg.codec[3:])
-        js = JsCodec(path.read_text("utf-8"), str(path))
+        if workers is None:
+            raise ValueError(f"profile {name}: a JavaScript codec needs an owner for its worker")
+        js = workers.enter_context(JsWorker(path.read_text("utf-8"), str(path)))
 
         def run_js(fport: int, payload: bytes) -> dict[str, Any]:
             result = js.decode_uplink(fport, payload)
@@ -157,9 +167,12 @@ def build_profile(name: str, cfg: ProfileConfig) -> Profile:
     )
 
 
-def build_catalog(cfg: GatewayConfig) -> Catalog:
-    """The device catalog: [[devices]] rules pointing at [profiles]."""
-    profiles = {name: build_profile(name, p) for name, p in cfg.profiles.items()}
+def build_catalog(cfg: GatewayConfig, workers: Workers | None = None) -> Catalog:
+    """The device catalog: [[devices]] rules pointing at [profiles].
+
+    ``workers`` owns the JavaScript codecs' worker processes (required when a profile has one).
+    """
+    profiles = {name: build_profile(name, p, workers) for name, p in cfg.profiles.items()}
     rules = []
     for device in cfg.devices:
         tag = tuple(device.tag.split("=", 1)) if device.tag else None
@@ -389,7 +402,8 @@ class Gateway:
             commands = Commands(self._gateway_id, {"ping": ping})
             uplink = self._build_uplink(outbox, commands)
             uplink.heartbeat = self._heartbeats.register("uplink")
-            catalog = build_catalog(cfg)
+            # Entered last on the stack: the JavaScript workers stop before the engine and outbox.
+            catalog = build_catalog(cfg, stack)
             sources = [
                 build_source(s, self._gateway_id, catalog, self._environ) for s in cfg.sources
             ]

@@ -1,14 +1,20 @@
 """``edge-gateway codec run``: run a payload codec over JSON lines, for vendors' files and checks.
 
 ``edge-gateway codec run PATH.js`` (a TTN / ChirpStack JavaScript decoder, see
-:mod:`drivers.jscodec`) or ``edge-gateway codec run --builtin NAME`` (a Python codec from
-``drivers.codecs.CODECS``) reads JSON lines ``{"fPort": <int>, "bytes_hex": "<hex>"}`` on stdin
-and writes one JSON line per input line, in order, flushed at once:
+:mod:`drivers.jscodec`, run in a worker process by :mod:`drivers.jsworker`) or
+``edge-gateway codec run --builtin NAME`` (a Python codec from ``drivers.codecs.CODECS``) reads
+JSON lines ``{"fPort": <int>, "bytes_hex": "<hex>"}`` on stdin and writes one JSON line per input
+line, in order, flushed at once:
 
 * the codec's result: ``{"data": {...}}`` plus ``"warnings"`` when it gave some;
 * ``{"errors": [...]}`` when it failed: the decoder's own ``errors`` when it returned some (with its
   ``data``/``warnings`` if it returned those too), else one message. A malformed input line (not
   JSON, no integer ``fPort``, bad hex) gets the same treatment, and the next line is read.
+
+A JavaScript decoder that hangs (even where QuickJS cannot interrupt it: a catastrophic regular
+expression) gets its error line once the wall-clock deadline (``--timeout-ms`` plus
+:data:`drivers.jsworker.DEFAULT_MARGIN_MS`) has passed; its worker is replaced and the next lines
+decode as usual.
 
 A JavaScript input line may also carry ``"recvTime"`` (RFC 3339, default now) and ``"variables"``
 (an object of strings, default ``{}``). Exit status: 0 at end of input, even when lines failed;
@@ -21,6 +27,7 @@ runs the same code standalone.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -34,8 +41,8 @@ from drivers.jscodec import (
     DEFAULT_MEMORY_LIMIT_BYTES,
     DEFAULT_TIMEOUT_MS,
     DecoderReportedError,
-    JsCodec,
 )
+from drivers.jsworker import JsWorker
 from gateway.errors import CodecError
 
 __all__ = ["add_codec_parser", "main", "run_lines"]
@@ -98,16 +105,21 @@ def add_codec_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     _configure(codec)
 
 
-def _load_js(path: Path, timeout_ms: int, memory_limit_mb: int) -> Decode:
+def _load_js(
+    path: Path, timeout_ms: int, memory_limit_mb: int, workers: contextlib.ExitStack
+) -> Decode:
+    """Start the decoder's worker (closed by ``workers``) and load the file in it."""
     try:
         source = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise CodecError(f"{path}: cannot read the decoder: {exc}") from exc
-    codec = JsCodec(
-        source,
-        str(path),
-        timeout_ms=timeout_ms,
-        memory_limit_bytes=memory_limit_mb * 1024 * 1024,
+    codec = workers.enter_context(
+        JsWorker(
+            source,
+            str(path),
+            timeout_ms=timeout_ms,
+            memory_limit_bytes=memory_limit_mb * 1024 * 1024,
+        )
     )
 
     def decode(fport: int, payload: bytes, line: dict[str, Any]) -> dict[str, Any]:
@@ -221,14 +233,20 @@ def run_lines(decode: Decode, lines: Iterable[str], out: IO[str]) -> None:
 
 def cmd_codec_run(args: argparse.Namespace) -> int:
     """``codec run``: load the codec, then decode stdin to stdout."""
-    try:
-        if args.builtin is not None:
-            decode = _load_builtin(args.builtin)
-        else:
-            decode = _load_js(args.path, args.timeout_ms, args.memory_limit_mb)
-    except CodecError as exc:
-        sys.stderr.write(f"edge-gateway codec run: {exc}\n")
-        return EXIT_USAGE
+    with contextlib.ExitStack() as workers:
+        try:
+            if args.builtin is not None:
+                decode = _load_builtin(args.builtin)
+            else:
+                decode = _load_js(args.path, args.timeout_ms, args.memory_limit_mb, workers)
+        except CodecError as exc:
+            sys.stderr.write(f"edge-gateway codec run: {exc}\n")
+            return EXIT_USAGE
+        return _run_stdin(decode)
+
+
+def _run_stdin(decode: Decode) -> int:
+    """Decode stdin to stdout until stdin ends (or the reader of stdout goes away)."""
     # Undecodable input bytes become U+FFFD and so a malformed line, instead of ending the loop.
     stdin = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace")
     try:

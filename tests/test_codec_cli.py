@@ -100,6 +100,36 @@ def test_misbehaving_decoders_fail_their_line_only() -> None:
         assert time.monotonic() - started < TIMEOUT_S
 
 
+def test_a_hanging_decoder_gets_its_error_line_and_the_next_lines_decode(tmp_path: Path) -> None:
+    # Byte 1 sends the decoder into a catastrophically backtracking regex, which QuickJS's own
+    # time limit cannot interrupt: only the worker's wall-clock deadline ends it.
+    decoder = tmp_path / "hangs.js"
+    decoder.write_text(
+        "function decodeUplink(input) {\n"
+        "  if (input.bytes[0] === 1) {\n"
+        '    return {data: {m: /^(a+)+$/.test("a".repeat(40) + "b")}};\n'
+        "  }\n"
+        "  return {data: {first: input.bytes[0]}};\n"
+        "}\n"
+    )
+    stdin = "\n".join([frame(1, "01"), frame(1, "07"), frame(1, "01"), frame(1, "09")]) + "\n"
+    done = run_cli("run", str(decoder), stdin=stdin)
+    assert done.returncode == 0, done.stderr
+    out = lines_of(done.stdout)
+    expected_error = {
+        "errors": [
+            f"{decoder}: decodeUplink exceeded its time limit of 100 ms wall clock (hard deadline"
+            " 150 ms with the worker round trip); the worker process was killed and restarted"
+        ]
+    }
+    assert out == [
+        expected_error,
+        {"data": {"first": 7}},
+        expected_error,
+        {"data": {"first": 9}},
+    ]
+
+
 def test_isolation_through_the_cli() -> None:
     done = run_cli("run", str(FIXTURES / "global_state.js"), stdin=(frame(1, "") + "\n") * 3)
     counters = [line["data"]["counter"] for line in lines_of(done.stdout)]
