@@ -665,7 +665,9 @@ async def run_gateway(args: argparse.Namespace) -> dict[str, Any]:
     from gateway.config import config_from_dict
 
     gateway = Gateway(config_from_dict(gateway_config(args), "bench"), {})
-    gc.freeze()  # as `edge-gateway run` does before it starts the gateway
+    # As `edge-gateway run` does before it starts the gateway.
+    gc.freeze()
+    sys.setswitchinterval(0.0005)
     task = asyncio.create_task(gateway.run(), name="gateway")
     source: Any = None
     async with asyncio.timeout(30):
