@@ -349,6 +349,14 @@ class _Protocol(asyncio.Protocol):
         if self._transport is not None:
             self._transport.close()
 
+    def disconnecting(self) -> None:
+        """After DISCONNECT: drop whatever still arrives, but read on to see the hang-up."""
+        # What arrives now is unacknowledged and goes back to the kept session; parsing it
+        # could pause reading again and hide the broker's EOF.
+        self._fail(MqttIntakeError("session closed"))
+        if self._transport is not None:
+            self._transport.resume_reading()
+
     def abort(self, reason: str) -> None:
         self._fail(MqttIntakeError(reason))
         if self._transport is not None:
@@ -401,6 +409,8 @@ def _server_keepalive(body: bytes, pos: int) -> int | None:
     """Server Keep Alive (property 0x13) from CONNACK properties, if the broker set one."""
     length, pos = _property_length(body, pos, len(body))
     end = pos + length
+    if end > len(body):
+        raise MqttIntakeError("malformed CONNACK: properties longer than the packet")
     # Property identifiers and their value sizes (MQTT 5 §2.2.2.2), enough to walk a CONNACK.
     fixed = {
         0x11: 4,
@@ -427,8 +437,7 @@ def _server_keepalive(body: bytes, pos: int) -> int | None:
         size = fixed.get(ident)
         if size is None:
             raise MqttIntakeError(f"malformed CONNACK: unknown property 0x{ident:02x}")
-        if ident == 0x13:
-            return int.from_bytes(body[pos : pos + 2], "big")
+        value = pos
         if size > 0:
             pos += size
         elif size == -3:  # user property: two strings
@@ -436,6 +445,10 @@ def _server_keepalive(body: bytes, pos: int) -> int | None:
                 pos += 2 + int.from_bytes(body[pos : pos + 2], "big")
         else:  # a string or binary data
             pos += 2 + int.from_bytes(body[pos : pos + 2], "big")
+        if pos > end:
+            raise MqttIntakeError(f"malformed CONNACK: property 0x{ident:02x} past the end")
+        if ident == 0x13:
+            return int.from_bytes(body[value:pos], "big")
     return None
 
 
@@ -604,10 +617,17 @@ class MqttIntake:
         self._protocol._flush_acks()
         with contextlib.suppress(MqttIntakeError, AssertionError):
             self._protocol.send(_DISCONNECT)
-        self._protocol.close()
+            # The broker reads the PUBACKs ahead of the DISCONNECT, then hangs up. Closing first
+            # lets a prompt reconnect with the same client id take the session over before the
+            # broker read them (mosquitto reads one packet per wake-up): it would redeliver them.
+            self._protocol.disconnecting()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2.0):
+                    await asyncio.shield(self._protocol.closed)
+        self._protocol.close()  # a no-op after the hang-up; cuts a stuck broker off
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(2.0):
-                await self._protocol.closed
+                await asyncio.shield(self._protocol.closed)
 
 
 def _nothing() -> None:

@@ -1,0 +1,1068 @@
+"""drivers.mqtt_intake: against a real mosquitto, fake peers for what a broker never sends, and
+hypothesis on the parser; the broker tests run once per protocol version (3.1.1 and 5).
+
+Broker tests publish with aiomqtt (an independent MQTT implementation) where the intake is the
+receiver, so a symmetric encode/decode mistake cannot hide. Nothing here waits on a clock: every
+wait ends on an event (a batch, a PINGRESP, a closed connection); ``GUARD_S`` only turns a hang
+into a failure. The keepalive tests wait for the keepalive machinery itself to act, which takes
+1-2 s of wall time by design.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import socket
+import ssl
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from drivers.mqtt_intake import (
+    MAX_PACKET_BYTES,
+    MQTT_5,
+    MQTT_311,
+    IntakeMessage,
+    MqttIntake,
+    MqttIntakeError,
+    MqttRefusedError,
+    _Protocol,
+)
+from tests.support.mosquitto import Mosquitto, Recorder, require_mosquitto
+
+HOST = "127.0.0.1"
+# Hang guard only: every wait ends on an event long before this.
+GUARD_S = 30.0
+# What one read can hand the protocol: asyncio's selector transports recv() at most this much.
+READ_BYTES = 256 * 1024
+
+broker = pytest.mark.broker
+
+
+# -- independent MQTT encoding (not the module's own, so its decoder is checked against ours) ---
+
+
+def varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        n, byte = divmod(n, 128)
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def mqtt_str(text: str) -> bytes:
+    raw = text.encode()
+    return len(raw).to_bytes(2, "big") + raw
+
+
+def publish_packet(
+    topic: str,
+    payload: bytes,
+    qos: int,
+    packet_id: int = 0,
+    *,
+    dup: bool = False,
+    retain: bool = False,
+    props: bytes | None = None,
+) -> bytes:
+    """A PUBLISH; ``props`` (MQTT 5 only) are the property bytes after their length."""
+    first = 0x30 | (qos << 1) | (0x08 if dup else 0) | (0x01 if retain else 0)
+    body = mqtt_str(topic) + (packet_id.to_bytes(2, "big") if qos else b"")
+    if props is not None:
+        body += varint(len(props)) + props
+    return bytes([first]) + varint(len(body + payload)) + body + payload
+
+
+def packet_like(first: int, body: bytes) -> bytes:
+    return bytes([first]) + varint(len(body)) + body
+
+
+CONNACK_OK = b"\x20\x02\x00\x00"
+CONNACK_5_OK = b"\x20\x03\x00\x00\x00"  # with an empty property list
+PINGRESP = b"\xd0\x00"
+PINGREQ = b"\xc0\x00"
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+async def collect(
+    intake: MqttIntake, count: int, *, ack: bool = True, batches: list[int] | None = None
+) -> list[IntakeMessage]:
+    """Batches until ``count`` messages arrived (acking them unless told not to)."""
+    messages: list[IntakeMessage] = []
+    async with asyncio.timeout(GUARD_S):
+        while len(messages) < count:
+            batch = await intake.batch()
+            if batches is not None:
+                batches.append(len(batch))
+            if ack:
+                for message in batch:
+                    intake.acker(message)()
+            messages += batch
+    return messages
+
+
+async def collect_until(intake: MqttIntake, last_payload: bytes) -> list[IntakeMessage]:
+    """Batches (acked) up to and including the message carrying ``last_payload``."""
+    messages: list[IntakeMessage] = []
+    async with asyncio.timeout(GUARD_S):
+        while not messages or messages[-1].payload != last_payload:
+            for message in await intake.batch():
+                intake.acker(message)()
+                messages.append(message)
+    return messages
+
+
+async def open_intake(
+    port: int, client_id: str = "intake", *, version: int, **kwargs: Any
+) -> MqttIntake:
+    """Every test connects through here, naming the protocol version it speaks."""
+    return await MqttIntake.connect(HOST, port, client_id, version=version, **kwargs)
+
+
+async def connected(
+    port: int, client_id: str = "intake", *, version: int, **kwargs: Any
+) -> MqttIntake:
+    intake = await open_intake(port, client_id, version=version, **kwargs)
+    assert await intake.subscribe("t/#") == 1
+    return intake
+
+
+@pytest.fixture(params=[MQTT_311, MQTT_5], ids=["mqtt311", "mqtt5"])
+def version(request: pytest.FixtureRequest) -> int:
+    """The protocol version a broker test speaks (each runs with both)."""
+    v: int = request.param
+    return v
+
+
+@asynccontextmanager
+async def publisher(port: int) -> AsyncIterator[aiomqtt.Client]:
+    # paho queues QoS 1 publishes beyond its in-flight limit but sends QoS 0 at once, which
+    # reorders a concurrent burst before it reaches the broker; a large limit keeps call order.
+    async with aiomqtt.Client(
+        HOST, port, identifier="publisher", max_inflight_messages=0xFFFF
+    ) as client:
+        yield client
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def asyncio_errors(caplog: pytest.LogCaptureFixture) -> list[str]:
+    # asyncio logs "Fatal error: protocol.data_received() call failed" when a protocol raises
+    # anything: the parser must turn bad input into MqttIntakeError itself.
+    return [r.getMessage() for r in caplog.records if r.name == "asyncio"]
+
+
+# -- a fake peer for what a broker never sends ------------------------------------------------
+
+
+class FakeBroker:
+    """An asyncio server on 127.0.0.1 that answers the CONNECT with ``reply`` and then listens.
+
+    It answers a SUBSCRIBE with ``suback`` as the return code when given, and nothing else: no
+    PINGRESP, no PUBACK. Packets sent to it must be short (a one-byte remaining length).
+    """
+
+    def __init__(
+        self, reply: bytes, *, close_after_reply: bool = False, suback: int | None = None
+    ) -> None:
+        self.reply = reply
+        self.close_after_reply = close_after_reply
+        self.suback = suback
+        self.received = bytearray()
+        self.port = 0
+        self.transports: list[asyncio.Transport] = []
+        self.lost = 0
+        self._changed = asyncio.Event()
+
+    def protocol(self) -> asyncio.Protocol:
+        return _FakePeer(self)
+
+    def bump(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def wait_for(self, condition: Callable[[], bool]) -> None:
+        async with asyncio.timeout(GUARD_S):
+            while not condition():
+                await self._changed.wait()
+
+
+class _FakePeer(asyncio.Protocol):
+    def __init__(self, fake: FakeBroker) -> None:
+        self.fake = fake
+        self.buf = bytearray()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.fake.transports.append(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.fake.received += data
+        self.buf += data
+        while len(self.buf) >= 2 and len(self.buf) >= 2 + self.buf[1]:
+            assert self.buf[1] < 128, bytes(self.buf)
+            size = 2 + self.buf[1]
+            packet, self.buf = bytes(self.buf[:size]), self.buf[size:]
+            self.handle(packet)
+        self.fake.bump()
+
+    def handle(self, packet: bytes) -> None:
+        if packet[0] == 0x10:
+            if self.fake.reply:
+                self.transport.write(self.fake.reply)
+            if self.fake.close_after_reply:
+                self.transport.close()
+        elif packet[0] == 0x82 and self.fake.suback is not None:
+            self.transport.write(b"\x90\x03" + packet[2:4] + bytes([self.fake.suback]))
+        elif packet[0] == 0xE0:  # DISCONNECT: hang up, as a broker does
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.fake.lost += 1
+        self.fake.bump()
+
+
+@asynccontextmanager
+async def fake_broker(
+    reply: bytes, *, close_after_reply: bool = False, suback: int | None = None
+) -> AsyncIterator[FakeBroker]:
+    fake = FakeBroker(reply, close_after_reply=close_after_reply, suback=suback)
+    server = await asyncio.get_running_loop().create_server(fake.protocol, HOST, 0)
+    fake.port = server.sockets[0].getsockname()[1]
+    try:
+        yield fake
+    finally:
+        server.close()
+        for transport in fake.transports:
+            transport.abort()
+        await server.wait_closed()
+
+
+# -- receiving from a real broker ---------------------------------------------------------------
+
+
+@broker
+async def test_receives_qos1_and_qos0_with_topics_payloads_and_packet_ids(
+    mosquitto: Mosquitto, version: int
+) -> None:
+    intake = await connected(mosquitto.port, clean_session=True, version=version)
+    assert intake.session_present is False
+    try:
+        async with publisher(mosquitto.port) as pub:
+            await pub.publish("t/a", b"one", qos=1)
+            await pub.publish("t/b/c", b"", qos=0)
+            await pub.publish("t/\u00e9t\u00e9", bytes(range(256)), qos=1)
+            await pub.publish("elsewhere", b"not subscribed", qos=1)
+            await pub.publish("t/end", b"\x00end", qos=0)
+        got = await collect(intake, 4, ack=False)
+        assert [(m.topic, m.payload, m.qos) for m in got] == [
+            ("t/a", b"one", 1),
+            ("t/b/c", b"", 0),
+            ("t/\u00e9t\u00e9", bytes(range(256)), 1),
+            ("t/end", b"\x00end", 0),
+        ]
+        qos1_ids = [m.packet_id for m in got if m.qos == 1]
+        assert all(1 <= pid <= 0xFFFF for pid in qos1_ids)
+        assert len(set(qos1_ids)) == 2
+        assert [m.packet_id for m in got if m.qos == 0] == [0, 0]
+        # Only QoS 1 messages wait for an acknowledgement; QoS 0 ackers are no-ops.
+        assert intake.unacked == 2
+        for message in got:
+            intake.acker(message)()
+        assert intake.unacked == 0
+    finally:
+        await intake.close()
+
+
+@broker
+async def test_a_qos0_subscription_gets_qos1_publishes_downgraded(
+    mosquitto: Mosquitto, version: int
+) -> None:
+    intake = await open_intake(mosquitto.port, "intake-qos0", version=version)
+    try:
+        assert await intake.subscribe("t/#", qos=0) == 0
+        async with publisher(mosquitto.port) as pub:
+            await pub.publish("t/x", b"down", qos=1)
+        [message] = await collect(intake, 1)
+        assert (message.topic, message.payload, message.qos, message.packet_id) == (
+            "t/x",
+            b"down",
+            0,
+            0,
+        )
+        assert intake.unacked == 0
+    finally:
+        await intake.close()
+
+
+@broker
+async def test_messages_larger_than_a_read_arrive_whole_and_in_order(
+    mosquitto: Mosquitto, version: int
+) -> None:
+    # 700 KB needs at least three reads; small messages between them share reads with their tails.
+    big = [bytes([i]) * 700_000 for i in range(3)]
+    sent = [b"s0", big[0], b"s1", b"s2", big[1], big[2], b"s3"]
+    intake = await connected(mosquitto.port, version=version)
+    try:
+        async with publisher(mosquitto.port) as pub:
+            await asyncio.gather(*(pub.publish("t/big", p, qos=1) for p in sent))
+        got = await collect(intake, len(sent))
+        assert [m.payload for m in got] == sent
+    finally:
+        await intake.close()
+
+
+@broker
+async def test_a_burst_of_thousands_arrives_complete_and_in_order(
+    mosquitto: Mosquitto, version: int
+) -> None:
+    count = 3000
+    sent = [f"m{i:05d}".encode() for i in range(count)]
+    intake = await connected(mosquitto.port, version=version)
+    # Reading is held while the burst is published, so the broker's writes pile up in the
+    # socket and reach the parser many packets per read (the batched path under test).
+    transport = intake._protocol._transport
+    assert transport is not None
+    transport.pause_reading()
+    batches: list[int] = []
+    try:
+        async with publisher(mosquitto.port) as pub:
+            await asyncio.gather(
+                *(pub.publish("t/burst", p, qos=1 if i % 3 else 0) for i, p in enumerate(sent))
+            )
+        transport.resume_reading()
+        got = await collect(intake, count, batches=batches)
+        # MQTT orders messages per QoS level only: the broker holds QoS 1 beyond its in-flight
+        # limit while QoS 0 goes straight through.
+        for qos in (0, 1):
+            assert [m.payload for m in got if m.qos == qos] == [
+                p for i, p in enumerate(sent) if (1 if i % 3 else 0) == qos
+            ]
+        assert max(batches) > 1, batches
+        assert intake.unacked == 0
+    finally:
+        await intake.close()
+
+
+@broker
+async def test_a_packet_over_the_size_limit_fails_the_session(
+    mosquitto: Mosquitto, version: int
+) -> None:
+    intake = await connected(mosquitto.port, version=version)
+    try:
+        async with publisher(mosquitto.port) as pub:
+            await pub.publish("t/small", b"ok", qos=1)
+            await pub.publish("t/huge", b"x" * (MAX_PACKET_BYTES + 1), qos=1)
+        [first] = await collect(intake, 1)
+        assert first.payload == b"ok"
+        with pytest.raises(MqttIntakeError, match="exceeds"):
+            async with asyncio.timeout(GUARD_S):
+                await intake.batch()
+    finally:
+        await intake.close()
+
+
+# -- sessions and acknowledgements ----------------------------------------------------------
+
+
+@broker
+async def test_a_persistent_session_keeps_what_was_published_while_away(
+    mosquitto: Mosquitto, version: int
+) -> None:
+    intake = await connected(mosquitto.port, "keeper", version=version)
+    assert intake.session_present is False
+    await intake.close()
+
+    away = [f"away-{i}".encode() for i in range(5)]
+    async with publisher(mosquitto.port) as pub:
+        for payload in away:
+            await pub.publish("t/away", payload, qos=1)
+
+    # No new SUBSCRIBE: the broker kept the subscription with the session.
+    intake = await open_intake(mosquitto.port, "keeper", clean_session=False, version=version)
+    try:
+        assert intake.session_present is True
+        got = await collect(intake, len(away))
+        assert [(m.topic, m.payload, m.qos) for m in got] == [
+            (
+                "t/away",
+                p,
+                1,
+            )
+            for p in away
+        ]
+    finally:
+        await intake.close()
+
+
+@broker
+@pytest.mark.parametrize("keepalive_s", [60, 0])
+async def test_unacked_messages_come_back_after_reconnect_and_acked_ones_do_not(
+    mosquitto: Mosquitto, version: int, keepalive_s: int
+) -> None:
+    sent = [f"m{i}".encode() for i in range(10)]
+    intake = await connected(mosquitto.port, "acker", keepalive_s=keepalive_s, version=version)
+    async with publisher(mosquitto.port) as pub:
+        for payload in sent:
+            await pub.publish("t/ack", payload, qos=1)
+        first = await collect(intake, len(sent), ack=False)
+        assert [m.payload for m in first] == sent
+        for message in first[::2]:
+            intake.acker(message)()
+        assert intake.unacked == 5
+        # Acks given right before close() must still reach the broker ahead of DISCONNECT.
+        await intake.close()
+
+        intake = await open_intake(
+            mosquitto.port, "acker", clean_session=False, keepalive_s=keepalive_s, version=version
+        )
+        try:
+            assert intake.session_present is True
+            # The broker resends in-flight messages before anything new: everything it
+            # redelivers arrives before this marker.
+            await pub.publish("t/ack", b"marker", qos=1)
+            again = await collect_until(intake, b"marker")
+        finally:
+            await intake.close()
+    unacked = first[1::2]
+    # Redelivered (DUP) with the same packet identifiers, as MQTT-4.4.0-1 requires.
+    assert [(m.payload, m.packet_id) for m in again[:-1]] == [
+        (m.payload, m.packet_id) for m in unacked
+    ]
+
+
+@broker
+async def test_reading_pauses_beyond_max_unacked_and_resumes_after_acks(
+    tmp_path: Path, version: int
+) -> None:
+    require_mosquitto()
+    # No in-flight limit at the broker (the shared default is 1000): the intake's window is the
+    # only thing holding messages back.
+    with Mosquitto(tmp_path / "b", extra_config=["max_inflight_messages 0"]) as big_window:
+        await _flow_control(big_window.port, version)
+
+
+async def _flow_control(port: int, version: int) -> None:
+    window, count, size = 100, 2000, 1024
+    packet = len(publish_packet("t/flow", b"x" * size, 1, 1))
+    # Reading stops once a read takes the count to the window or past it.
+    bound = window - 1 + READ_BYTES // packet + 1
+    assert bound < count
+    sent = [f"{i:06d}".encode().ljust(size, b".") for i in range(count)]
+    intake = await connected(port, "flow", max_unacked=window, version=version)
+    transport = intake._protocol._transport
+    assert transport is not None
+    try:
+        async with publisher(port) as pub:
+            await asyncio.gather(*(pub.publish("t/flow", p, qos=1) for p in sent))
+            # Every message is at the broker now; none is acknowledged by the intake yet.
+            held: list[IntakeMessage] = []
+            async with asyncio.timeout(GUARD_S):
+                while not held or intake.unacked < window:
+                    held += await intake.batch()
+            assert not transport.is_reading()
+            assert intake.unacked == len(held)
+            if version == MQTT_5:
+                # The window went out as the Receive Maximum: the broker itself stops there.
+                assert len(held) == window
+            else:
+                assert window <= len(held) <= bound, (len(held), bound)
+            assert [m.payload for m in held] == sent[: len(held)]
+
+            got = list(held)
+            for message in held:
+                intake.acker(message)()
+            async with asyncio.timeout(GUARD_S):
+                while len(got) < count:
+                    batch = await intake.batch()
+                    assert intake.unacked <= bound
+                    got += batch
+                    for message in batch:
+                        intake.acker(message)()
+            assert [m.payload for m in got] == sent
+            assert intake.unacked == 0
+    finally:
+        await intake.close()
+
+
+# -- connecting -------------------------------------------------------------------------------
+
+
+@broker
+@pytest.mark.parametrize(
+    ("username", "password"), [("gw", "wrong-password"), (None, None), ("nobody", "x")]
+)
+async def test_refused_credentials_raise_refused_with_the_return_code(
+    tmp_path: Path, version: int, username: str | None, password: str | None
+) -> None:
+    require_mosquitto(passwd=True)
+    with Mosquitto(tmp_path / "b", users={"gw": "right-password"}) as locked:
+        with pytest.raises(MqttRefusedError) as refused:
+            await open_intake(
+                locked.port, "intake", username=username, password=password, version=version
+            )
+        # Bad user name or password, or not authorised: 3.1.1's codes or 5's reason codes.
+        assert refused.value.rc in ((4, 5) if version == MQTT_311 else (0x86, 0x87))
+        assert f"({refused.value.rc})" in str(refused.value)
+        intake = await open_intake(
+            locked.port, "intake", username="gw", password="right-password", version=version
+        )
+        await intake.close()
+
+
+async def test_nothing_listening_names_host_and_port() -> None:
+    port = free_port()
+    with pytest.raises(MqttIntakeError, match=f"{HOST}:{port}") as failed:
+        await open_intake(port, "intake", version=MQTT_5)
+    assert not isinstance(failed.value, MqttRefusedError)
+
+
+async def test_a_connect_that_never_completes_says_it_timed_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The outermost edge faked: a TCP handshake that never finishes (a black-holed address).
+    loop = asyncio.get_running_loop()
+
+    async def never(*_args: Any, **_kwargs: Any) -> Any:
+        await loop.create_future()
+
+    monkeypatch.setattr(loop, "create_connection", never)
+    with pytest.raises(MqttIntakeError, match=rf"cannot connect to {HOST}:1883: timed out$"):
+        await open_intake(1883, "intake", timeout_s=0.05, version=MQTT_5)
+
+
+@broker
+async def test_a_killed_broker_fails_batch(mosquitto: Mosquitto, version: int) -> None:
+    intake = await connected(mosquitto.port, version=version)
+    try:
+        async with publisher(mosquitto.port) as pub:
+            await pub.publish("t/live", b"alive", qos=1)
+        await collect(intake, 1)
+        waiting = asyncio.create_task(intake.batch())
+        mosquitto.kill()
+        # Ends on the closed connection, long before the 60 s keepalive could notice.
+        with pytest.raises(MqttIntakeError, match="connection"):
+            async with asyncio.timeout(GUARD_S):
+                await waiting
+    finally:
+        await intake.close()
+
+
+@broker
+async def test_a_session_taken_over_fails_batch(mosquitto: Mosquitto, version: int) -> None:
+    first = await connected(mosquitto.port, "twin", version=version)
+    try:
+        waiting = asyncio.create_task(first.batch())
+        second = await open_intake(mosquitto.port, "twin", version=version)
+        await second.close()
+        # The broker hangs up on the first; under MQTT 5 it may say why first (0x8E: session
+        # taken over; mosquitto 2.0.11 does not, the fake-peer test covers that DISCONNECT).
+        with pytest.raises(MqttIntakeError, match=r"connection closed|reason code 0x8e"):
+            async with asyncio.timeout(GUARD_S):
+                await waiting
+    finally:
+        await first.close()
+
+
+@broker
+async def test_a_publish_the_broker_refuses_raises_under_mqtt5(tmp_path: Path) -> None:
+    require_mosquitto()
+    acl = tmp_path / "acl"
+    acl.write_text("topic read t/#\n")
+    with Mosquitto(tmp_path / "b", extra_config=[f"acl_file {acl}"]) as guarded:
+        intake = await open_intake(guarded.port, version=MQTT_5)
+        try:
+            with pytest.raises(MqttIntakeError, match="publish to t/x refused: reason code 0x87"):
+                await intake.publish("t/x", b"denied")
+            assert intake._protocol.pending == {}
+            # A refused publish is an answer, not a broken session.
+            assert await intake.subscribe("t/#") == 1
+        finally:
+            await intake.close()
+
+
+@broker
+async def test_publish_qos1_waits_for_puback_and_reaches_a_subscriber(
+    mosquitto: Mosquitto, version: int
+) -> None:
+    async with Recorder(HOST, mosquitto.port, topics=["down/#"]) as rec:
+        intake = await open_intake(mosquitto.port, "downlinker", version=version)
+        try:
+            await intake.publish("down/1", b"\x01\x02", qos=1)
+            # The PUBACK resolved the request and freed its packet identifier.
+            assert intake._protocol.pending == {}
+            await intake.publish("down/2", b"fire and forget", qos=0)
+            # Nobody subscribed: MQTT 5 says so in the PUBACK (0x10), which is no refusal.
+            await intake.publish("nobody/listens", b"x")
+            await asyncio.gather(*(intake.publish("down/n", bytes([i])) for i in range(50)))
+        finally:
+            await intake.close()
+        await rec.wait_for_count(52)
+    assert [(m.topic, m.payload, m.qos) for m in rec.messages[:2]] == [
+        ("down/1", b"\x01\x02", 1),
+        ("down/2", b"fire and forget", 0),
+    ]
+    assert sorted(m.payload for m in rec.messages[2:]) == [bytes([i]) for i in range(50)]
+
+
+@broker
+async def test_tls_with_the_test_ca(mosquitto_tls: Mosquitto, version: int) -> None:
+    assert mosquitto_tls.tls_port is not None
+    intake = await connected(
+        mosquitto_tls.tls_port, tls_context=mosquitto_tls.client_ssl_context(), version=version
+    )
+    try:
+        # A message larger than a TLS record and a read, sent and received over TLS.
+        payloads = [b"small", bytes(range(256)) * 1200]
+        for payload in payloads:
+            await intake.publish("t/tls", payload)
+        got = await collect(intake, 2)
+        assert [m.payload for m in got] == payloads
+    finally:
+        await intake.close()
+
+    untrusting = ssl.create_default_context()  # the system CAs, not the test CA
+    with pytest.raises(MqttIntakeError, match=f"{HOST}:{mosquitto_tls.tls_port}"):
+        await open_intake(mosquitto_tls.tls_port, "intake", tls_context=untrusting, version=version)
+
+
+# -- peers that break the protocol ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("garbage", "error"),
+    [
+        # Remaining length with a fifth continuation byte.
+        (b"\x30\xff\xff\xff\xff\x7f", "malformed remaining length"),
+        # The protocol maximum (268,435,455), far over MAX_PACKET_BYTES: refused before buffering.
+        (b"\x30\xff\xff\xff\x7f", "exceeds"),
+        (publish_packet("t/q2", b"x", 2, 7), "QoS 2"),
+        (b"\x36\x05\x00\x01t\x00\x07", "QoS"),  # QoS 3 (both bits): not a QoS at all
+        (b"\x30\x00", "malformed PUBLISH"),  # too short for a topic length
+        (b"\x30\x01\x00" + PINGRESP, "malformed PUBLISH"),
+        (b"\x32\x03\x00\x01t" + PINGRESP, "malformed PUBLISH"),  # QoS 1 without a packet id
+        (b"\x30\x02\x00\x09" + PINGRESP * 4, "malformed PUBLISH"),  # topic past the packet end
+        (b"\x62\x02\x00\x01", "unexpected packet type 6"),  # PUBREL: we never publish QoS 2
+        (b"\x20\x01\x00", "malformed CONNACK"),
+        (b"\x40\x01\x00", "malformed acknowledgement"),
+    ],
+)
+async def test_a_malformed_packet_fails_batch(
+    garbage: bytes, error: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    good = publish_packet("t/ok", b"before", 1, 1)
+    await _fails_after_good_message(MQTT_311, CONNACK_OK + good + garbage, error)
+    assert asyncio_errors(caplog) == []
+
+
+@pytest.mark.parametrize(
+    ("garbage", "error"),
+    [
+        (packet_like(0x30, mqtt_str("t") + b"\x05"), "malformed properties"),  # past the end
+        (packet_like(0x30, mqtt_str("t") + b"\x80"), "malformed properties"),  # unterminated
+        (packet_like(0x32, mqtt_str("t") + b"\x00\x01"), "malformed properties"),  # none at all
+        (b"\x90\x02\x00\x01", "malformed properties"),  # SUBACK without its property length
+        (b"\xe0\x01\x8e", "broker disconnected: reason code 0x8e"),  # DISCONNECT, with reason
+    ],
+)
+async def test_a_malformed_mqtt5_packet_fails_batch(
+    garbage: bytes, error: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A property (payload format indicator) the intake skips.
+    good = publish_packet("t/ok", b"before", 1, 1, props=b"\x01\x01")
+    await _fails_after_good_message(MQTT_5, CONNACK_5_OK + good + garbage, error)
+    assert asyncio_errors(caplog) == []
+
+
+async def _fails_after_good_message(version: int, reply: bytes, error: str) -> None:
+    async with fake_broker(reply) as fake:
+        intake = await open_intake(fake.port, "intake", timeout_s=GUARD_S, version=version)
+        try:
+            async with asyncio.timeout(GUARD_S):
+                [message] = await intake.batch()
+                assert message.payload == b"before"
+                with pytest.raises(MqttIntakeError, match=error):
+                    await intake.batch()
+        finally:
+            await intake.close()
+
+
+@pytest.mark.parametrize(
+    "connack",
+    [
+        b"\x20\x03\x00\x00\x05",  # properties longer than the packet
+        b"\x20\x04\x00\x00\x01\x13",  # Server Keep Alive without its value
+        b"\x20\x05\x00\x00\x02\x13\x00",  # ... with half of it
+        b"\x20\x06\x00\x00\x03\x12\x00\x05",  # a string longer than the properties
+        b"\x20\x05\x00\x00\x02\x7f\x00",  # a property CONNACK cannot carry
+        b"\x20\x04\x00\x00\x80\x80",  # an unterminated property length
+    ],
+)
+async def test_a_malformed_mqtt5_connack_fails_connect(
+    connack: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with fake_broker(connack) as fake:
+        with pytest.raises(MqttIntakeError, match="malformed"):
+            await open_intake(fake.port, timeout_s=GUARD_S, version=MQTT_5)
+    assert asyncio_errors(caplog) == []
+
+
+async def test_a_connack_that_never_comes_times_out() -> None:
+    async with fake_broker(b"") as silent:
+        with pytest.raises(MqttIntakeError, match=rf"{HOST}:{silent.port} sent no CONNACK"):
+            await open_intake(silent.port, "intake", timeout_s=0.2, version=MQTT_311)
+        # The client gave up on the connection rather than leaving it open.
+        await silent.wait_for(lambda: silent.lost == 1)
+
+
+async def test_a_peer_closing_before_connack_fails_connect() -> None:
+    async with fake_broker(b"", close_after_reply=True) as rude:
+        with pytest.raises(MqttIntakeError, match="connection"):
+            await open_intake(rude.port, "intake", timeout_s=GUARD_S, version=MQTT_311)
+
+
+@pytest.mark.parametrize(
+    ("rc", "reason"), [(1, "unacceptable protocol version"), (2, "identifier"), (3, "unavailable")]
+)
+async def test_connack_refusals_carry_code_and_reason(rc: int, reason: str) -> None:
+    async with fake_broker(bytes([0x20, 2, 0, rc])) as fake:
+        with pytest.raises(MqttRefusedError, match=reason) as refused:
+            await open_intake(fake.port, "intake", timeout_s=GUARD_S, version=MQTT_311)
+    assert refused.value.rc == rc
+
+
+async def test_a_refused_subscription_raises() -> None:
+    async with fake_broker(CONNACK_OK, suback=0x80) as fake:
+        intake = await open_intake(fake.port, "intake", version=MQTT_311)
+        try:
+            with pytest.raises(MqttIntakeError, match="subscription to t/# refused"):
+                await intake.subscribe("t/#")
+            assert intake._protocol.pending == {}
+        finally:
+            await intake.close()
+
+
+async def test_a_publish_never_acknowledged_times_out_and_frees_its_id() -> None:
+    async with fake_broker(CONNACK_OK) as fake:
+        intake = await open_intake(fake.port, "intake", version=MQTT_311)
+        try:
+            with pytest.raises(MqttIntakeError, match=r"no acknowledgement within 0\.2 s"):
+                await intake.publish("down/x", b"lost", timeout_s=0.2)
+            assert intake._protocol.pending == {}
+            sent = publish_packet("down/x", b"lost", 1, 1)
+            await fake.wait_for(lambda: sent in fake.received)
+        finally:
+            await intake.close()
+
+
+# -- keepalive -------------------------------------------------------------------------------
+
+
+async def test_keepalive_aborts_when_the_peer_never_answers_pingreq() -> None:
+    async with fake_broker(CONNACK_OK) as mute:
+        intake = await open_intake(mute.port, "intake", keepalive_s=1, version=MQTT_311)
+        try:
+            with pytest.raises(MqttIntakeError, match="no packet from the broker for 1 s"):
+                async with asyncio.timeout(GUARD_S):
+                    await intake.batch()
+            assert PINGREQ in mute.received
+        finally:
+            await intake.close()
+
+
+async def test_an_mqtt5_server_keepalive_overrides_ours() -> None:
+    # CONNACK with Server Keep Alive 1 s (and a user property before it, to be walked past):
+    # the client asked for 60 s, yet a peer silent for 1 s is found out.
+    props = b"\x26" + mqtt_str("k") + mqtt_str("v") + b"\x13\x00\x01"
+    connack = packet_like(0x20, b"\x00\x00" + varint(len(props)) + props)
+    async with fake_broker(connack) as mute:
+        intake = await open_intake(mute.port, keepalive_s=60, version=MQTT_5)
+        try:
+            with pytest.raises(MqttIntakeError, match="no packet from the broker for 1 s"):
+                async with asyncio.timeout(GUARD_S):
+                    await intake.batch()
+        finally:
+            await intake.close()
+
+
+async def test_an_mqtt5_connect_announces_the_window_and_a_kept_session() -> None:
+    async with fake_broker(CONNACK_5_OK) as fake:
+        intake = await open_intake(fake.port, max_unacked=300, version=MQTT_5)
+        await intake.close()
+    # Session Expiry "never" (0x11) and Receive Maximum 300 (0x21), after the keepalive.
+    assert b"MQTT\x05\x00\x00\x3c\x08\x11\xff\xff\xff\xff\x21\x01\x2c" in fake.received
+
+
+@broker
+async def test_pingreqs_keep_a_quiet_session_alive_past_the_keepalive(
+    mosquitto: Mosquitto, version: int
+) -> None:
+    # mosquitto drops a client silent for 1.5 keepalives; PINGREQs go out every half keepalive.
+    intake = await connected(mosquitto.port, keepalive_s=1, version=version)
+    protocol = intake._protocol
+    pongs = 0
+    pong = asyncio.Event()
+    receive = protocol.data_received
+
+    def counting(data: bytes) -> None:
+        nonlocal pongs
+        pongs += data.count(PINGRESP)
+        pong.set()
+        receive(data)
+
+    protocol.data_received = counting  # type: ignore[method-assign]
+    try:
+        async with asyncio.timeout(GUARD_S):
+            # Four answered PINGREQs span at least two keepalives of nothing but pings.
+            while pongs < 4:
+                pong.clear()
+                await pong.wait()
+        async with publisher(mosquitto.port) as pub:
+            await pub.publish("t/still", b"here", qos=1)
+        [message] = await collect(intake, 1)
+        assert message.payload == b"here"
+    finally:
+        await intake.close()
+    assert "exceeded timeout" not in mosquitto.log_text()
+
+
+# -- the protocol object on its own ------------------------------------------------------------
+
+
+class DummyTransport(asyncio.Transport):
+    """Records what the protocol asks of its transport."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written: list[bytes] = []
+        self.reading = True
+        self.pauses = 0
+        self.closed = False
+
+    def pause_reading(self) -> None:
+        self.reading = False
+        self.pauses += 1
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def is_reading(self) -> bool:
+        return self.reading
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written.append(bytes(data))
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+
+def attached(max_unacked: int, version: int = MQTT_311) -> tuple[_Protocol, DummyTransport]:
+    protocol = _Protocol(max_unacked, version)
+    transport = DummyTransport()
+    protocol.connection_made(transport)
+    return protocol, transport
+
+
+async def drain(protocol: _Protocol) -> tuple[list[IntakeMessage], MqttIntakeError]:
+    """Everything delivered, then the error batch() raises once the connection is closed."""
+    protocol.connection_lost(None)
+    messages: list[IntakeMessage] = []
+    while True:
+        try:
+            messages += await protocol.batch()
+        except MqttIntakeError as exc:
+            return messages, exc
+
+
+def split(data: bytes, cuts: Iterable[int]) -> list[bytes]:
+    points = sorted({0, len(data), *(min(c, len(data)) for c in cuts)})
+    return [data[a:b] for a, b in itertools.pairwise(points)]
+
+
+async def test_acks_of_one_loop_iteration_go_out_in_one_write() -> None:
+    protocol, transport = attached(max_unacked=100)
+    protocol.data_received(b"".join(publish_packet("t", b"p", 1, pid) for pid in (5, 6, 0x1234)))
+    messages = await protocol.batch()
+    for message in messages:
+        protocol.ack(message.packet_id)
+    assert transport.written == []
+    await asyncio.sleep(0)  # one loop iteration: the coalesced flush runs
+    assert transport.written == [b"\x40\x02\x00\x05\x40\x02\x00\x06\x40\x02\x12\x34"]
+    assert protocol.unacked == 0
+
+
+async def test_reading_pauses_at_the_window_and_resumes_at_half() -> None:
+    protocol, transport = attached(max_unacked=4)
+    protocol.data_received(b"".join(publish_packet("t", b"", 1, pid) for pid in range(1, 4)))
+    assert transport.reading  # 3 < 4
+    protocol.data_received(b"".join(publish_packet("t", b"", 1, pid) for pid in range(4, 7)))
+    # One read's worth past the window is held, then reading stops.
+    assert not transport.reading
+    assert protocol.unacked == 6
+    messages = await protocol.batch()
+    for message in messages[:3]:
+        protocol.ack(message.packet_id)
+    assert not transport.reading  # 3 > 4 // 2
+    protocol.ack(messages[3].packet_id)
+    assert transport.reading
+    assert transport.pauses == 1
+
+
+async def test_messages_before_a_broken_packet_are_delivered_once() -> None:
+    protocol, _transport = attached(max_unacked=100)
+    protocol.data_received(publish_packet("t", b"good", 1, 1) + b"\x30\x00")
+    protocol.data_received(publish_packet("t", b"later", 1, 2))
+    messages, error = await drain(protocol)
+    assert [m.payload for m in messages] == [b"good"]
+    assert "malformed PUBLISH" in str(error)
+    assert protocol.unacked == 1
+
+
+async def test_after_disconnect_reading_resumes_and_arrivals_are_dropped() -> None:
+    # close() waits for the broker to hang up; flow control must not hide that EOF.
+    protocol, transport = attached(max_unacked=1)
+    protocol.data_received(publish_packet("t", b"held", 1, 1))
+    assert not transport.reading
+    protocol.disconnecting()
+    assert transport.reading
+    protocol.data_received(publish_packet("t", b"late", 1, 2))
+    messages, error = await drain(protocol)
+    assert [m.payload for m in messages] == [b"held"]
+    assert str(error) == "session closed"
+    protocol.ack(1)  # the session is gone: nothing to send
+    await asyncio.sleep(0)
+    assert transport.written == []
+
+
+topics = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), max_size=24)
+payloads = st.one_of(
+    st.binary(max_size=48),
+    # Sizes that need two- and three-byte remaining lengths.
+    st.integers(100, 20_000).map(lambda n: bytes(i % 251 for i in range(n))),
+)
+publishes = st.tuples(
+    topics,
+    payloads,
+    st.sampled_from([0, 1]),
+    st.integers(1, 0xFFFF),
+    st.booleans(),
+    st.binary(max_size=8),  # MQTT 5 properties (skipped unread, so any bytes)
+)
+# What the broker may send between PUBLISHes: PINGRESP, and acknowledgements nobody waits for
+# (index 2 and 3: 3.1.1 SUBACK; 5 adds an empty property list).
+noise = st.sampled_from([0, 1, 2, 3])
+NOISE = {
+    MQTT_311: [b"", PINGRESP, b"\x40\x02\x00\x63", b"\x90\x03\x00\x64\x01"],
+    MQTT_5: [b"", PINGRESP, b"\x40\x02\x00\x63", b"\x90\x04\x00\x64\x00\x01"],
+}
+
+
+@pytest.mark.parametrize("version", [MQTT_311, MQTT_5], ids=["mqtt311", "mqtt5"])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(noise, publishes), max_size=12), st.data())
+def test_publishes_split_anywhere_parse_to_exactly_what_was_sent(
+    version: int,
+    items: list[tuple[int, tuple[str, bytes, int, int, bool, bytes]]],
+    data: st.DataObject,
+) -> None:
+    stream = b"".join(
+        NOISE[version][before]
+        + publish_packet(
+            topic,
+            payload,
+            qos,
+            pid,
+            dup=flag,
+            retain=not flag,
+            props=props if version == MQTT_5 else None,
+        )
+        for before, (topic, payload, qos, pid, flag, props) in items
+    )
+    cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=40))
+    expected = [
+        IntakeMessage(topic, payload, qos, pid if qos else 0)
+        for _noise, (topic, payload, qos, pid, _flag, _props) in items
+    ]
+
+    async def run() -> None:
+        protocol, _transport = attached(max_unacked=1 << 20, version=version)
+        for chunk in split(stream, cuts):
+            protocol.data_received(chunk)
+        assert protocol.unacked == sum(m.qos for m in expected)
+        messages, error = await drain(protocol)
+        assert messages == expected
+        assert str(error) == "connection closed"
+
+    asyncio.run(run())
+
+
+fragments = st.one_of(
+    st.binary(max_size=16),
+    st.builds(
+        publish_packet,
+        topics,
+        st.binary(max_size=16),
+        st.sampled_from([0, 1]),
+        st.integers(0, 0xFFFF),
+        props=st.none() | st.binary(max_size=6),
+    ),
+    # Any first byte with a body of any length: short bodies, wrong sizes, unknown types,
+    # CONNACKs with property lists of any shape.
+    st.builds(packet_like, st.integers(0, 255), st.binary(max_size=8)),
+    st.builds(packet_like, st.just(0x20), st.binary(max_size=12).map(lambda b: b"\x00\x00" + b)),
+    st.sampled_from(
+        [
+            CONNACK_OK,
+            CONNACK_5_OK,
+            PINGRESP,
+            b"\x30\xff\xff\xff\x7f",
+            b"\xff\xff\xff\xff\xff",
+        ]
+    ),
+)
+
+
+@pytest.mark.parametrize("version", [MQTT_311, MQTT_5], ids=["mqtt311", "mqtt5"])
+@settings(max_examples=500, deadline=None)
+@given(st.lists(fragments, max_size=10), st.lists(st.integers(0, 400), max_size=10))
+def test_arbitrary_bytes_never_raise_anything_but_intake_errors(
+    version: int, parts: Sequence[bytes], cuts: list[int]
+) -> None:
+    stream = b"".join(parts)
+
+    async def run() -> None:
+        protocol, transport = attached(max_unacked=3, version=version)
+        for chunk in split(stream, cuts):
+            # Anything but MqttIntakeError escaping here fails the example.
+            protocol.data_received(chunk)
+        delivered = protocol.unacked
+        messages, error = await drain(protocol)
+        assert isinstance(error, MqttIntakeError)
+        assert delivered == sum(1 for m in messages if m.qos)
+        assert transport.reading == (delivered < 3)
+
+    asyncio.run(run())
