@@ -31,6 +31,7 @@ import ssl
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 # MQTT 3.1.1 control packet types (high nibble of the fixed header).
 _CONNECT = 0x10
@@ -166,7 +167,9 @@ class _Protocol(asyncio.Protocol):
         self._max_unacked = max_unacked
         self._buf = bytearray()
         self._transport: asyncio.Transport | None = None
-        self._sock: socket.socket | None = None
+        # asyncio hands out a TransportSocket (a restricted view, not a socket.socket) that still
+        # allows setsockopt; None for transports without one.
+        self._sock: _SetSockOpt | None = None
         self._ready: list[IntakeMessage] = []
         self._waiter: asyncio.Future[None] | None = None
         self._error: MqttIntakeError | None = None
@@ -186,7 +189,7 @@ class _Protocol(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
         sock = transport.get_extra_info("socket")
-        self._sock = sock if isinstance(sock, socket.socket) else None
+        self._sock = sock if hasattr(sock, "setsockopt") else None
 
     def data_received(self, data: bytes) -> None:
         if self._error is not None:
@@ -382,6 +385,10 @@ class _Protocol(asyncio.Protocol):
 
 
 _QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
+
+
+class _SetSockOpt(Protocol):
+    def setsockopt(self, level: int, option: int, value: int, /) -> None: ...
 
 
 def _property_length(buf: bytes | bytearray, pos: int, stop: int) -> tuple[int, int]:
