@@ -54,6 +54,7 @@ from gateway.uplink import FileUplink, MqttUplink, Uplink
 from gateway.wire import Encoding
 
 if TYPE_CHECKING:
+    from gateway.analyzers.pool_runtime import PoolMonitor
     from gateway.analyzers.runtime import Analyzers
     from gateway.inference import InferenceEngine
 
@@ -335,6 +336,7 @@ class Gateway:
         self._rates = RateMeter(self._metrics, ("events_in", "events_out"))
         self._sources: list[Source] = []
         self._engine: InferenceEngine | None = None
+        self._pools: list[PoolMonitor] = []
 
     @property
     def metrics(self) -> Metrics:
@@ -371,7 +373,7 @@ class Gateway:
     ) -> tuple[InferenceEngine | None, Analyzers | None]:
         """The inference engine and analyzers, when the config has models or analyzers."""
         cfg = self._cfg
-        if not (cfg.inference.cards or cfg.inference.shadow or cfg.analyzers):
+        if not (cfg.inference.cards or cfg.inference.shadow or cfg.analyzers or cfg.pools):
             return None, None
         # Imported only now: onnxruntime and numpy add ~30 MB of RSS that a gateway only
         # forwarding sensor readings should not carry.
@@ -415,6 +417,8 @@ class Gateway:
 
                 for name, handler in model_commands(engine, cfg.inference).items():
                     commands.register(name, handler)
+            if cfg.pools:
+                sources += self._build_pools(engine, commands)
 
             async with asyncio.TaskGroup() as tg:
                 uplink_task = tg.create_task(uplink.run(), name="uplink")
@@ -451,6 +455,32 @@ class Gateway:
                 watchdog_task.cancel()
         log.info("gateway_stopped", **self._metrics.counters)
         return EXIT_OK
+
+    def _build_pools(self, engine: InferenceEngine | None, commands: Commands) -> list[Source]:
+        """The pool cameras (sources of their own events) and their operator commands."""
+        from gateway.analyzers.pool_output import build_output  # noqa: PLC0415
+        from gateway.analyzers.pool_runtime import PoolMonitor, pool_commands  # noqa: PLC0415
+
+        cfg = self._cfg
+        monitors = {
+            name: PoolMonitor(
+                name,
+                pool,
+                engine,
+                cfg.inference,
+                self._metrics,
+                output=None
+                if pool.local_alarm is None
+                else build_output(
+                    pool.local_alarm, f"edge-gateway-{self._gateway_id}-{name}-alarm"
+                ),
+            )
+            for name, pool in cfg.pools.items()
+        }
+        self._pools = list(monitors.values())
+        for name, handler in pool_commands(monitors).items():
+            commands.register(name, handler)
+        return [Source(f"pool:{name}", monitor) for name, monitor in monitors.items()]
 
     def _build_uplink(self, outbox: Outbox, commands: Commands) -> Uplink:
         cfg = self._cfg.uplink
@@ -509,6 +539,8 @@ class Gateway:
                     "no_score": counters["analyzer_no_score"],
                 },
                 "inference": None if self._engine is None else self._engine.stats(),
+                # Monitoring state, detection-off zones (always listed) and alarms per pool.
+                "pools": [pool.summary() for pool in self._pools],
                 "reconnects": counters["uplink_connects"],
                 "connect_failures": counters["uplink_connect_failures"],
                 "lorawan": [

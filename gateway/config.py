@@ -34,6 +34,7 @@ from pydantic_settings import (
 )
 
 from gateway.analyzers.config import AnalyzerConfig
+from gateway.analyzers.pool_config import PoolConfig
 from gateway.errors import ConfigError, GatewayError
 from gateway.wire import Encoding
 
@@ -667,6 +668,18 @@ class GatewayConfig(BaseSettings):
     profiles: dict[str, ProfileConfig] = Field(default_factory=dict)
     devices: list[DeviceConfig] = Field(default_factory=list)
     analyzers: dict[str, AnalyzerConfig] = Field(default_factory=dict)
+    pools: dict[str, PoolConfig] = Field(
+        default_factory=dict,
+        description="Pool-safety cameras by name (lower_snake_case, used in events and alarm ids).",
+    )
+
+    @field_validator("pools")
+    @classmethod
+    def _pool_names(cls, value: dict[str, PoolConfig]) -> dict[str, PoolConfig]:
+        bad = [name for name in value if not re.fullmatch(r"[a-z][a-z0-9_]{0,31}", name)]
+        if bad:
+            raise ValueError(f"pool names must be lower_snake_case, at most 32 (got: {bad})")
+        return value
 
     @model_validator(mode="after")
     def _analyzers_attach_once(self) -> GatewayConfig:

@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from gateway.analyzers.config import AnalyzerConfig
+from gateway.analyzers.pool_config import CameraConfig, MqttAlarmConfig, PoolConfig
 from gateway.config import (
     ENV_PREFIX,
     ChirpStackSourceConfig,
@@ -165,6 +166,14 @@ def render_config(cfg: GatewayConfig) -> str:
         lines.append("# Analyzers: warnings and anomaly scores from a gauge's readings, e.g.:")
         _render_model(_EXAMPLE_ANALYZER, "analyzers.anduze", lines, commented=True)
         lines.append("")
+    if cfg.pools:
+        for name, pool in cfg.pools.items():
+            _render_model(pool, f"pools.{_toml_key(name)}", lines)
+            lines.append("")
+    else:
+        lines.append("# Pool safety: a camera watched for people still or gone under in the water:")
+        _render_model(_EXAMPLE_POOL, "pools.main", lines, commented=True)
+        lines.append("")
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
@@ -181,6 +190,11 @@ _EXAMPLE_ANALYZER = AnalyzerConfig(
     profile="water-level",
     devices=["a84041000181c071"],
     stages_cm=[250.0, 400.0, 550.0, 700.0],
+)
+_EXAMPLE_POOL = PoolConfig(
+    camera=CameraConfig(url="rtsp://pool-cam-1.local/stream1"),
+    water_area=[(40.0, 60.0), (600.0, 60.0), (620.0, 460.0), (20.0, 460.0)],
+    local_alarm=MqttAlarmConfig(type="mqtt", topic="pool/main/alarm"),
 )
 _EXAMPLE_DEVICE = DeviceConfig(
     dev_eui="a84041000181c071",

@@ -15,10 +15,11 @@ Per frame, in this order:
    two frames at a few frames per second). A track needs ``min_hits`` detections to count; a
    track that is not seen is *lost* and keeps its id, so a person found again near where they
    were is the same track.
-3. **Stillness**: a track's (smoothed) centre is compared with an anchor; when it moves more than
-   ``still_displacement`` times the person's size (the longer side of the box) from the anchor,
-   the anchor moves there and the stillness clock restarts. Relative to size, so a swimmer near
-   the camera and one at the far end are judged alike.
+3. **Stillness**: a person has been still since the earliest moment from which every centre of
+   their track lies within ``still_displacement`` times their size (the longer side of the box)
+   of where they are now. Relative to size, so a swimmer near the camera and one at the far end
+   are judged alike; measured back from now, so a slow drift while floating counts as still and
+   detector jitter (a few pixels) does not count as movement.
 4. **Disappearance**: a track lost inside the water area, farther than ``edge_margin`` person
    sizes from its edge, has gone under (or out of sight in the water): its stillness clock keeps
    running. A track lost near the edge has left the water and is forgotten.
@@ -32,6 +33,7 @@ Per frame, in this order:
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
@@ -184,6 +186,13 @@ class ZoneBook:
     def covers(self, point: Point) -> bool:
         return any(point_in_polygon(point, z.polygon) for z in self._zones.values())
 
+    def near(self, point: Point, margin: float) -> bool:
+        """Inside a zone or within ``margin`` pixels of one (about to enter it)."""
+        return any(
+            point_in_polygon(point, z.polygon) or edge_distance(point, z.polygon) <= margin
+            for z in self._zones.values()
+        )
+
 
 # -- tracking --------------------------------------------------------------------------------
 
@@ -204,9 +213,8 @@ class TrackerParams:
     # take over the track of someone who went under.
     lost_gate_per_s: float = 0.5
     max_gate: float = 2.0
-    # Smoothing of the centre (exponential, weight of the newest detection): box jitter of the
-    # detector is not movement.
-    center_alpha: float = 0.7
+    # How much of a track's path is kept for the stillness test (longer than any T2).
+    trail_s: float = 40.0
 
 
 @dataclass(slots=True)
@@ -219,9 +227,9 @@ class Track:
     first_s: float
     last_s: float
     center: Point
-    anchor: Point
     still_since_s: float
     hits: int = 1
+    trail: deque[tuple[float, float, float]] = field(default_factory=deque)
     lost: bool = False
     disappeared: bool = False
     state: TrackState = "tracking"
@@ -287,9 +295,7 @@ class Tracker:
         self.tracks.pop(track_id, None)
 
     def _hit(self, track: Track, now_s: float, box: Box, score: float) -> Track:
-        a = self.params.center_alpha
-        cx, cy = box_center(box)
-        track.center = (a * cx + (1 - a) * track.center[0], a * cy + (1 - a) * track.center[1])
+        track.center = box_center(box)
         track.box = box
         track.score = score
         track.last_s = now_s
@@ -307,7 +313,6 @@ class Tracker:
             first_s=now_s,
             last_s=now_s,
             center=center,
-            anchor=center,
             still_since_s=now_s,
         )
         self._next_id += 1
@@ -409,18 +414,30 @@ class PoolAnalyzer:
             if self.zones.covers(track.center) and track.state != "alarm":
                 # Staff switched detection off here: no timers run for whoever is inside.
                 track.state = "tracking"
-                track.anchor, track.still_since_s = track.center, now_s
+                track.trail.clear()
+                track.still_since_s = now_s
                 continue
             signals.extend(self._advance(track, now_s))
         return signals
 
     def _moved(self, track: Track, now_s: float) -> None:
-        size = box_size(track.box)
-        dx = track.center[0] - track.anchor[0]
-        dy = track.center[1] - track.anchor[1]
-        if math.hypot(dx, dy) / size > self.params.still_displacement:
-            track.anchor = track.center
-            track.still_since_s = now_s
+        cx, cy = track.center
+        trail = track.trail
+        trail.append((now_s, cx, cy))
+        while trail and trail[0][0] < now_s - self.params.tracker.trail_s:
+            trail.popleft()
+        limit = self.params.still_displacement * box_size(track.box)
+        since = now_s
+        moved = False
+        for t, x, y in reversed(trail):
+            if math.hypot(x - cx, y - cy) > limit:
+                moved = True
+                break
+            since = t
+        # Without a move inside the trail, the stillness began before it: keep the older time.
+        since = since if moved else min(since, track.still_since_s)
+        if since > track.still_since_s:
+            track.still_since_s = since
             if track.state == "alarm" and not track.movement_reported:
                 track.moved_in_alarm = True
                 track.movement_reported = True
@@ -431,8 +448,10 @@ class PoolAnalyzer:
         # Where it was last seen, unsmoothed: the smoothed centre lags behind a swimmer.
         last = box_center(track.box)
         inside = point_in_polygon(last, water)
-        deep = inside and edge_distance(last, water) > p.edge_margin * box_size(track.box)
-        if p.disappearance and deep and not self.zones.covers(last):
+        margin = p.edge_margin * box_size(track.box)
+        deep = inside and edge_distance(last, water) > margin
+        # Lost at the border of a detection-off zone: it went in there, where no one is watched.
+        if p.disappearance and deep and not self.zones.near(last, margin):
             track.disappeared = True
             return True
         if track.state == "alarm":
@@ -490,7 +509,8 @@ class PoolAnalyzer:
                 track.alarm_id = None
                 track.moved_in_alarm = False
                 track.movement_reported = False
-                track.anchor, track.still_since_s = track.center, now_s
+                track.trail.clear()
+                track.still_since_s = now_s
         return alarm
 
     def tracks_summary(self) -> dict[str, int]:
@@ -499,5 +519,5 @@ class PoolAnalyzer:
             "tracks": sum(1 for t in tracks if t.hits >= self.params.tracker.min_hits),
             "lost": sum(1 for t in tracks if t.lost),
             "candidates": sum(1 for t in tracks if t.state == "candidate"),
-            "alarms": len(self.alarms),
+            "active_alarms": len(self.alarms),
         }
