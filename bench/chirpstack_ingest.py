@@ -638,6 +638,7 @@ def gateway_config(args: argparse.Namespace) -> dict[str, Any]:
                 "client_id": args.client_id,
                 "reconnect_min_s": 0.1,
                 "reconnect_max_s": 0.5,
+                **({"max_unacked": args.max_unacked} if args.max_unacked else {}),
             }
         ],
         "profiles": {
@@ -1134,6 +1135,8 @@ class Bench:
             str(self.args.uplink_batch),
             "--uplink-inflight",
             str(self.args.uplink_inflight),
+            "--max-unacked",
+            str(self.args.max_unacked),
         )
 
     async def run_strict(self, scenario: Scenario) -> Run:
@@ -1414,7 +1417,8 @@ async def parent_async(args: argparse.Namespace, brokers: dict[str, Any], upstre
     sample = factory.payload(0)
     print(
         f"edge-gateway ChirpStack ingest: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, "
-        f"load average {os.getloadavg()[0]:.2f}; uplink batches of {args.uplink_batch}, "
+        f"load average {os.getloadavg()[0]:.2f}; max_unacked {args.max_unacked or 'default'}, "
+        f"uplink batches of {args.uplink_batch}, "
         f"outbox synchronous=full"
     )
     print(f"sample uplink ({len(sample)} bytes, {DEVICES} devices): {sample.decode()}")
@@ -1485,6 +1489,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--consumers", default="relay,gateway", help="relay,gateway (both)")
     parser.add_argument("--uplink-batch", type=int, default=100, help="uplink.batch_max_events")
+    parser.add_argument(
+        "--max-unacked",
+        type=int,
+        default=0,
+        help="the ChirpStack source's max_unacked (default: the config default, 1000)",
+    )
     parser.add_argument(
         "--uplink-inflight", type=int, default=8, help="uplink.max_inflight (messages)"
     )
