@@ -28,7 +28,7 @@ from gateway.config import (
     config_from_dict,
     load_config,
 )
-from gateway.demo import flood, weather_station
+from gateway.demo import flood, pool, weather_station
 from gateway.errors import ConfigError, GatewayError, TerminalUplinkError
 from gateway.logs import configure_logging
 from gateway.render import render_config, render_example
@@ -149,6 +149,7 @@ def demo_config(
         {
             "gateway": {"id": "demo", "state_dir": str(state_dir), "log_level": "warning"},
             **flood.config(),
+            **pool.config(),
             "uplink": {"type": "file", "path": "-", "fsync": False},
             "sources": [
                 {"type": "replay", "name": "gard-anduze", "interval_s": interval_s},

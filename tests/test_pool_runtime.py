@@ -226,3 +226,27 @@ async def test_a_camera_going_dark_is_reported_and_recovery_too(tmp_path: Path) 
     _monitor, out = await run_monitor(pool_config(video))
     states = [(v["state"], v["reasons"]) for v in out.values("pool_status")]
     assert states == [("monitoring", "ok"), ("not_monitoring", "dark"), ("monitoring", "ok")]
+
+
+async def test_the_gateway_runs_the_demo_pool_into_the_outbox(tmp_path: Path) -> None:
+    from gateway.app import Gateway
+    from gateway.config import config_from_dict
+    from gateway.demo import pool as demo_pool
+    from gateway.wire import Encoding, decode
+
+    out = tmp_path / "out.jsonl"
+    cfg = config_from_dict(
+        {
+            "gateway": {"id": "t", "state_dir": str(tmp_path / "state")},
+            "uplink": {"type": "file", "path": str(out), "fsync": False},
+            **demo_pool.config(),
+        },
+        "test",
+    )
+    gateway = Gateway(cfg, {})
+    assert await gateway.run(stop_when_sources_done=True) == 0
+    events = [decode(line, Encoding.JSON) for line in out.read_bytes().splitlines()]
+    kinds = [e.kind for e in events]
+    assert kinds == ["pool_status", "pool_candidate", "pool_alarm"]
+    assert events[2].lane.name == "ALARM"
+    assert gateway.metrics.counters["pool_alarm"] == 1
