@@ -14,6 +14,7 @@ next repeat tries again. Payloads carry only numbers and short strings (no image
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import Counter
 from typing import Any, Protocol
 
@@ -27,6 +28,10 @@ from gateway.analyzers.pool_config import MqttAlarmConfig, SerialAlarmConfig
 __all__ = ["AlarmOutput", "MqttAlarmOutput", "SerialAlarmOutput", "build_output"]
 
 log = structlog.get_logger(__name__)
+
+# How long an alarm waits for the local broker connection before it is counted as not sent (the
+# next repeat tries again).
+_CONNECT_WAIT_S = 2.0
 
 
 class AlarmOutput(Protocol):
@@ -86,6 +91,11 @@ class MqttAlarmOutput:
             delay = min(self._cfg.reconnect_max_s, delay * 2)
 
     async def _publish(self, topic: str, payload: dict[str, Any], *, retain: bool) -> None:
+        if self._client is None:
+            # Starting up or reconnecting: an alarm may wait a moment for the local broker.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_CONNECT_WAIT_S):
+                    await self.connected.wait()
         client = self._client
         if client is None:
             self.counters["not_sent"] += 1

@@ -224,6 +224,12 @@ class PoolMonitor:
                     await self._analyse(frame.image, frame.t_s)
                     # The frame is dropped here: the loop variable is the last reference.
                     del frame
+                if self.cfg.camera.pace != "fast":
+                    # A camera stream that ended for good (a realtime file without loop):
+                    # the pool is not watched any more, which must be said, and a raised alarm
+                    # keeps repeating until acknowledged. Only a fast replay (tests, the demo)
+                    # ends the monitor with its file.
+                    await ticker
             finally:
                 ticker.cancel()
                 if output is not None:
