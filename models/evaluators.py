@@ -7,10 +7,12 @@ types are in :mod:`models.evaluation`.
 from __future__ import annotations
 
 from models.evaluation import Evaluator
+from models.pool.evaluate import evaluate_detector
 from models.water_level.evaluate import evaluate_forecaster
 
 __all__ = ["EVALUATORS"]
 
 EVALUATORS: dict[str, Evaluator] = {
+    "detect": evaluate_detector,
     "forecast": evaluate_forecaster,
 }

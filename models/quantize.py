@@ -12,7 +12,7 @@ No logging, no asyncio; writes only the output file (and a temporary pre-process
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -72,11 +72,14 @@ def quantize_model(
     *,
     calibration: Iterable[dict[str, np.ndarray]] | None,
     method: Method,
+    exclude_nodes: Sequence[str] = (),
 ) -> None:
     """Write an int8 version of ``fp32`` to ``out``; ModelError (naming the file) on failure.
 
     ``calibration`` (required for ``static``) yields input sets as the model takes them, drawn
     from the training portion of the data, never from the evaluation portion.
+    ``exclude_nodes`` names nodes left in fp32 (mixed precision, for parts of a graph that one
+    per-tensor int8 scale cannot represent).
     """
     if method not in ("static", "dynamic"):
         raise ModelError(f"{fp32}: method must be static or dynamic (got: {method!r})")
@@ -100,7 +103,13 @@ def quantize_model(
             raise ModelError(f"{fp32}: pre-processing for quantisation failed: {exc}") from exc
         try:
             if method == "dynamic":
-                quantize_dynamic(prepared, out, per_channel=True, weight_type=QuantType.QInt8)
+                quantize_dynamic(
+                    prepared,
+                    out,
+                    per_channel=True,
+                    weight_type=QuantType.QInt8,
+                    nodes_to_exclude=list(exclude_nodes),
+                )
             else:
                 assert calibration is not None
                 reader = _Feeds(calibration)
@@ -115,6 +124,7 @@ def quantize_model(
                     activation_type=QuantType.QInt8,
                     weight_type=QuantType.QInt8,
                     calibrate_method=CalibrationMethod.MinMax,
+                    nodes_to_exclude=list(exclude_nodes),
                 )
                 if reader.count == 0:
                     out.unlink(missing_ok=True)
