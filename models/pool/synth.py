@@ -238,9 +238,13 @@ def render(
     background: Image,
     crops: Sequence[Crop],
     fps: float,
+    *,
     seed: int = 0,
+    crop_offset: int = 0,
 ) -> Iterator[Image]:
-    """The scenario's frames at ``fps``: ripple, noise, and the actors on their paths."""
+    """The scenario's frames at ``fps``: ripple, noise, and the actors on their paths.
+
+    ``crop_offset`` shifts every actor to another crop (another person, same path)."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:HEIGHT, 0:WIDTH].astype(np.float32)
     base = background.astype(np.float32)
@@ -251,7 +255,7 @@ def render(
         for actor in scenario.actors:
             where = actor.path(t)
             if where is not None:
-                _paste(frame, crops[actor.crop % len(crops)], where)
+                _paste(frame, crops[(actor.crop + crop_offset) % len(crops)], where)
         frame += rng.normal(0.0, 2.0, frame.shape).astype(np.float32)
         yield np.clip(frame, 0, 255).astype(np.uint8)
 
@@ -279,26 +283,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--fps", type=float, default=4.0)
     parser.add_argument("--background", type=int, default=0, help="seed of the drawn pool")
     parser.add_argument("--scenarios", nargs="*", default=sorted(SCENARIOS))
+    parser.add_argument(
+        "--people", type=int, default=1, help="versions of each scenario, each with other crops"
+    )
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     crops = load_crops(args.data, args.split, 16, min_px=70)
     background = pool_background(args.background)
     truth = {}
     for name in args.scenarios:
-        scenario = SCENARIOS[name]
-        video = args.out / f"{name}.mp4"
-        n = write_video(video, render(scenario, background, crops, args.fps), args.fps)
-        truth[name] = {
-            "video": video.name,
-            "frames": n,
-            "fps": args.fps,
-            "stop_s": scenario.stop_s,
-            "alarm_due": scenario.stop_s is not None,
-            "description": scenario.description,
-            "background": f"drawn (seed {args.background})",
-            "crops": sorted({crops[a.crop % len(crops)].source for a in scenario.actors}),
-        }
-        print(f"{video}: {n} frames, {video.stat().st_size} bytes")  # noqa: T201
+        for offset in range(args.people):
+            scenario = SCENARIOS[name]
+            key = name if offset == 0 else f"{name}-{offset}"
+            video = args.out / f"{key}.mp4"
+            frames = render(scenario, background, crops, args.fps, seed=offset, crop_offset=offset)
+            n = write_video(video, frames, args.fps)
+            truth[key] = {
+                "scenario": name,
+                "video": video.name,
+                "frames": n,
+                "fps": args.fps,
+                "stop_s": scenario.stop_s,
+                "alarm_due": scenario.stop_s is not None,
+                "description": scenario.description,
+                "background": f"drawn (seed {args.background})",
+                "crops": sorted(
+                    {crops[(a.crop + offset) % len(crops)].source for a in scenario.actors}
+                ),
+            }
+            print(f"{video}: {n} frames, {video.stat().st_size} bytes")  # noqa: T201
     (args.out / "truth.json").write_text(json.dumps(truth, indent=2) + "\n")
     return 0
 
