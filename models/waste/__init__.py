@@ -1,0 +1,1 @@
+"""Waste image classifier: TrashNet's six classes, pre/post-processing and the citizen result."""

@@ -1,0 +1,117 @@
+"""Pure image pre- and post-processing of the waste classifier (no I/O, no logging).
+
+The model takes ``image`` float32 [batch, 3, 224, 224]: the whole photo resized to 224 x 224
+(aspect not kept: TrashNet's objects fill a 4:3 frame and a centre crop would cut them), RGB,
+scaled to 0..1 and normalised with ImageNet's mean and standard deviation, as the MobileNetV2
+backbone was trained. It returns ``logits`` float32 [batch, 6] in :data:`LABELS` order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+__all__ = [
+    "IMAGE_SIZE",
+    "LABELS",
+    "MAX_PIXELS",
+    "ImageDecodeError",
+    "Ranked",
+    "decode_image",
+    "image_kind",
+    "preprocess",
+    "softmax",
+    "top_k",
+]
+
+LABELS: tuple[str, ...] = ("cardboard", "glass", "metal", "paper", "plastic", "trash")
+IMAGE_SIZE = 224
+# A decoded photo larger than this (about a 24-megapixel camera) is refused before it is
+# allocated: a small PNG can claim a huge canvas ("decompression bomb").
+MAX_PIXELS = 6000 * 4000
+
+_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+
+class ImageDecodeError(ValueError):
+    """The bytes are not a JPEG or PNG image this classifier can read (the reason says why)."""
+
+
+def image_kind(data: bytes) -> str | None:
+    """``"jpeg"`` or ``"png"`` from the file signature, else None (nothing else is accepted)."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpeg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    return None
+
+
+def _png_size(data: bytes) -> tuple[int, int] | None:
+    # IHDR is the first chunk: width and height are big-endian at bytes 16..24.
+    if len(data) < 24 or data[12:16] != b"IHDR":
+        return None
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """JPEG or PNG bytes -> RGB uint8 [height, width, 3]; ImageDecodeError with the reason."""
+    kind = image_kind(data)
+    if kind is None:
+        raise ImageDecodeError("not a JPEG or PNG image (unknown file signature)")
+    if kind == "png":
+        size = _png_size(data)
+        if size is None:
+            raise ImageDecodeError("truncated PNG header")
+        if size[0] * size[1] > MAX_PIXELS:
+            raise ImageDecodeError(f"PNG of {size[0]}x{size[1]} pixels is larger than allowed")
+    buffer = np.frombuffer(data, dtype=np.uint8)
+    bgr = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
+    if bgr is None or bgr.size == 0:
+        raise ImageDecodeError(f"{kind} data could not be decoded (corrupt or truncated)")
+    if bgr.shape[0] * bgr.shape[1] > MAX_PIXELS:
+        raise ImageDecodeError(f"image of {bgr.shape[1]}x{bgr.shape[0]} pixels is too large")
+    rgb: np.ndarray = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    return rgb
+
+
+def preprocess(rgb: np.ndarray) -> np.ndarray:
+    """RGB uint8 [h, w, 3] -> the model's input float32 [1, 3, 224, 224]."""
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ImageDecodeError(f"expected an RGB image [h, w, 3] (got shape {rgb.shape})")
+    h, w = rgb.shape[:2]
+    # Area averaging when shrinking (no aliasing from a 12-megapixel phone photo), bilinear
+    # when enlarging: the same choice the training script makes for its crops.
+    shrink = h >= IMAGE_SIZE and w >= IMAGE_SIZE
+    interp = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+    small = cv2.resize(rgb, (IMAGE_SIZE, IMAGE_SIZE), interpolation=interp)
+    x = (small.astype(np.float32) / 255.0 - _MEAN) / _STD
+    return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Row-wise softmax of ``logits / temperature`` (float64, numerically stable)."""
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    out: np.ndarray = e / e.sum(axis=-1, keepdims=True)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Ranked:
+    """One label and its calibrated probability."""
+
+    label: str
+    score: float
+
+
+def top_k(probabilities: np.ndarray, k: int = 3) -> list[Ranked]:
+    """The ``k`` most probable labels of one row of probabilities, most probable first."""
+    row = np.asarray(probabilities, dtype=np.float64).reshape(-1)
+    if row.shape[0] != len(LABELS):
+        raise ValueError(f"expected {len(LABELS)} probabilities (got {row.shape[0]})")
+    order = np.argsort(-row, kind="stable")[:k]
+    return [Ranked(LABELS[i], float(row[i])) for i in order]
