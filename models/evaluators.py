@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from models.evaluation import Evaluator
 from models.pool.evaluate import evaluate_detector
+from models.waste.evaluate import evaluate_classifier
 from models.water_level.evaluate import evaluate_forecaster
 
 __all__ = ["EVALUATORS"]
 
 EVALUATORS: dict[str, Evaluator] = {
+    "classify_waste": evaluate_classifier,
     "detect": evaluate_detector,
     "forecast": evaluate_forecaster,
 }
