@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import random
 import re
 import threading
@@ -226,25 +227,31 @@ class CameraSource:
                 await asyncio.sleep(self._backoff())
                 continue
             self._opened()
+            fps = cap.get(cv2.CAP_PROP_FPS) or 25.0
+            last_t = 0.0
+            # The next frame is decoded while the caller analyses this one (a thread each).
+            pending = asyncio.ensure_future(asyncio.to_thread(_read_due, cap, fps, 0, 0.0))
             try:
-                fps = cap.get(cv2.CAP_PROP_FPS) or 25.0
-                next_due = 0.0
-                index = 0
-                last_t = 0.0
                 while True:
-                    image = await asyncio.to_thread(_read_due, cap, fps, index, next_due)
+                    image = await pending
                     if image is None:
                         break
                     index, arr = image
                     last_t = index / fps
-                    index += 1
+                    next_due = last_t + step_s - 1e-9
+                    pending = asyncio.ensure_future(
+                        asyncio.to_thread(_read_due, cap, fps, index + 1, next_due)
+                    )
                     self.counters["frames_read"] += 1
                     self.counters["frames_delivered"] += 1
-                    next_due = last_t + step_s - 1e-9
                     seq += 1
                     yield Frame(arr, offset_s + last_t, seq)
             finally:
-                cap.release()
+                # A read in progress cannot be interrupted: the capture is released after it.
+                if pending.done():
+                    cap.release()
+                else:
+                    pending.add_done_callback(functools.partial(_release, cap))
             if not settings.loop:
                 self.state = "ended"
                 return
@@ -342,6 +349,10 @@ class CameraSource:
         # Full jitter in the upper half: many cameras restarting together do not all reconnect
         # at the same moment.
         return delay * (0.5 + random.random() / 2)  # noqa: S311 -- timing, not security
+
+
+def _release(cap: cv2.VideoCapture, _done: object) -> None:
+    cap.release()
 
 
 def _read_due(

@@ -68,6 +68,8 @@ log = structlog.get_logger(__name__)
 
 # Time between housekeeping passes (health without frames, zone expiry, alarm repeats).
 _TICK_S = 0.5
+# Camera health is checked at most this often (frame time).
+_HEALTH_PERIOD_S = 0.5
 # A detector failing this many frames in a row means the pool is not being watched.
 _DETECTOR_FAILURES = 3
 # Alarm ids remembered after acknowledgement, so late "false alarm" feedback can name them.
@@ -163,6 +165,7 @@ class PoolMonitor:
         # alarm-timing evaluation reads it; bounded).
         self.history: deque[tuple[float, str, int]] = deque(maxlen=256)
         self._grey: npt.NDArray[np.uint8] | None = None
+        self._health_t: float | None = None
         self._reported: tuple[bool, tuple[str, ...]] | None = None
 
     # -- status ---------------------------------------------------------------------------------
@@ -274,10 +277,15 @@ class PoolMonitor:
     async def _analyse(self, image: npt.NDArray[np.uint8], t_s: float) -> None:
         self.counters["frames"] += 1
         self._last_frame_t = t_s
-        grey = small_grey(image)
-        stats = compute_stats(grey, self._grey)
-        self._grey = grey
-        change = self.health.observe(t_s, stats)
+        change: HealthChange | None = None
+        if self._health_t is None or t_s - self._health_t >= _HEALTH_PERIOD_S:
+            # Camera health changes over seconds: two looks a second are plenty, and the
+            # detector's frames/s do not pay for it on every frame.
+            self._health_t = t_s
+            grey = small_grey(image)
+            stats = compute_stats(grey, self._grey)
+            self._grey = grey
+            change = self.health.observe(t_s, stats)
         detections = await self._detect(image)
         height, width = image.shape[:2]
         await self._report_status(change)
