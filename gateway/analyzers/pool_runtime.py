@@ -212,6 +212,7 @@ class PoolMonitor:
         self._emit = emit
         await self._load_detector(report_error)
         self._last_arrival = self._clock()
+        await self._report_status(None)  # a detector refused at start is said at once
         async with asyncio.TaskGroup() as tg:
             ticker = tg.create_task(self._tick_forever(), name=f"pool:{self.name}:tick")
             output = (
@@ -329,10 +330,11 @@ class PoolMonitor:
             await self._emit(event)
 
     async def _report_status(self, change: HealthChange | None) -> None:
-        monitoring = not self.reasons() and self.health.monitoring is True
-        state = (monitoring, self.reasons())
-        if change is None and (self._reported is None or state == self._reported):
-            return
+        reasons = self.reasons()
+        if self.health.monitoring is None and not reasons:
+            return  # no frame judged yet and nothing known to be wrong: no verdict
+        monitoring = not reasons and self.health.monitoring is True
+        state = (monitoring, reasons)
         if state == self._reported:
             return
         self._reported = state
