@@ -330,6 +330,8 @@ class PoolMonitor:
             await self._emit(event)
 
     async def _report_status(self, change: HealthChange | None) -> None:
+        # ``change`` only says that the camera's health moved; the verdict is recomputed.
+        del change
         reasons = self.reasons()
         if self.health.monitoring is None and not reasons:
             return  # no frame judged yet and nothing known to be wrong: no verdict
@@ -339,9 +341,9 @@ class PoolMonitor:
             return
         self._reported = state
         text = "monitoring" if monitoring else "not_monitoring"
-        reasons = ",".join(state[1]) or "ok"
+        listed = ",".join(reasons) or "ok"
         self._metrics.inc(f"pool_{text}")
-        log.warning("pool_status", pool=self.name, state=text, reasons=reasons)
+        log.warning("pool_status", pool=self.name, state=text, reasons=listed)
         await self._put(
             Event(
                 kind="pool_status",
@@ -352,12 +354,12 @@ class PoolMonitor:
                 values=(
                     Measurement("pool", self.name[:64]),
                     Measurement("state", text),
-                    Measurement("reasons", reasons),
+                    Measurement("reasons", listed),
                 ),
             )
         )
         if self._output is not None:
-            await self._output.status({"pool": self.name, "state": text, "reasons": reasons})
+            await self._output.status({"pool": self.name, "state": text, "reasons": listed})
 
     async def _on_signal(self, signal: Signal) -> None:
         kind, severity = _SIGNAL_KIND[signal.kind]
