@@ -1,4 +1,4 @@
-"""A lean MQTT 3.1.1 subscriber for high-rate intake from the local broker.
+"""A lean MQTT 3.1.1 / 5 subscriber for high-rate intake from the local broker.
 
 Why not aiomqtt here (it stays the upstream client): at ChirpStack's full rate the intake is the
 gateway's hot path, and paho (under aiomqtt) costs 40-55 us of CPU per message on this class of
@@ -20,6 +20,11 @@ It implements only what the ChirpStack source needs: CONNECT (persistent session
 TLS through asyncio), SUBSCRIBE, receiving PUBLISH at QoS 0/1, PUBACK, publishing at QoS 1 (for
 downlink commands), keepalive (PINGREQ/PINGRESP) and DISCONNECT. Pure asyncio; no logging here:
 errors are raised to the caller, which names and counts them.
+
+A PUBLISH larger than ``MAX_PACKET_BYTES`` is not buffered: its payload is streamed past as it
+arrives and the consumer gets an :class:`IntakeMessage` with an empty payload and ``oversized``
+set to the packet's size, to count, report and acknowledge. Failing the session instead would
+never end: the broker redelivers an unacknowledged QoS 1 message on every reconnect.
 """
 
 from __future__ import annotations
@@ -45,7 +50,9 @@ _PINGRESP = 0xD0
 _DISCONNECT = b"\xe0\x00"
 
 # The protocol caps the remaining length at 268,435,455 bytes; ChirpStack events are a few KB.
-# A larger packet from the local broker is a broken peer, not data: refuse it before buffering.
+# A larger PUBLISH is not data the gateway can use: its payload is skipped, never buffered, and
+# the message is handed over marked ``oversized`` (see the module docstring). Any other packet
+# that large is a broken peer and fails the session.
 MAX_PACKET_BYTES = 1 << 20
 
 MQTT_311 = 4
@@ -88,12 +95,18 @@ class MqttRefusedError(MqttIntakeError):
 
 @dataclass(frozen=True, slots=True)
 class IntakeMessage:
-    """One received PUBLISH. ``packet_id`` is 0 for QoS 0 (nothing to acknowledge)."""
+    """One received PUBLISH. ``packet_id`` is 0 for QoS 0 (nothing to acknowledge).
+
+    ``oversized`` is 0, or the packet's remaining length when it exceeded ``MAX_PACKET_BYTES``:
+    the payload was then skipped unread (``payload`` is empty), and acknowledging the message
+    is what stops the broker from delivering it again.
+    """
 
     topic: str
     payload: bytes
     qos: int
     packet_id: int
+    oversized: int = 0
 
 
 def _utf8(text: str) -> bytes:
@@ -166,6 +179,8 @@ class _Protocol(asyncio.Protocol):
         self.version = version
         self._max_unacked = max_unacked
         self._buf = bytearray()
+        # Bytes of an oversized PUBLISH still to come, dropped as they arrive.
+        self._skip = 0
         self._transport: asyncio.Transport | None = None
         # asyncio hands out a TransportSocket (a restricted view, not a socket.socket) that still
         # allows setsockopt; None for transports without one.
@@ -198,6 +213,12 @@ class _Protocol(asyncio.Protocol):
             return
         self.last_received = self._loop.time()
         self._quick_ack()
+        if self._skip:
+            if len(data) <= self._skip:
+                self._skip -= len(data)
+                return
+            data = data[self._skip :]
+            self._skip = 0
         buf = self._buf
         buf += data
         try:
@@ -247,37 +268,58 @@ class _Protocol(asyncio.Protocol):
                 shift += 7
                 if shift > 21:
                     raise MqttIntakeError("malformed remaining length")
-            if length > MAX_PACKET_BYTES:
-                raise MqttIntakeError(f"packet of {length} bytes exceeds {MAX_PACKET_BYTES}")
+            kind = first & 0xF0
             stop = i + length
+            if length > MAX_PACKET_BYTES:
+                if kind != _PUBLISH:
+                    raise MqttIntakeError(f"packet of {length} bytes exceeds {MAX_PACKET_BYTES}")
+                # Only the topic and packet id are kept (they fit: a topic is at most 64 KiB).
+                head = self._publish_head(buf, first, i, min(stop, end))
+                if head is None:
+                    return pos
+                topic, qos, packet_id, _start = head
+                ready.append(IntakeMessage(topic, b"", qos, packet_id, oversized=length))
+                if stop > end:
+                    self._skip = stop - end
+                    return end
+                pos = stop
+                continue
             if stop > end:
                 return pos
-            kind = first & 0xF0
             if kind == _PUBLISH:
-                qos = (first >> 1) & 3
-                if length < 2:
-                    raise MqttIntakeError("malformed PUBLISH: no topic length")
-                topic_len = (buf[i] << 8) | buf[i + 1]
-                t_end = i + 2 + topic_len
-                if t_end + (2 if qos else 0) > stop:
+                head = self._publish_head(buf, first, i, stop)
+                if head is None:
                     raise MqttIntakeError("malformed PUBLISH: topic or packet id past its end")
-                topic = buf[i + 2 : t_end].decode("utf-8", "replace")
-                start = t_end + 2 if qos else t_end
+                topic, qos, packet_id, start = head
                 if self.version == MQTT_5:
                     # Properties (message expiry, content type, ...): nothing the intake uses.
                     start = _skip_properties(buf, start, stop)
-                if qos == 1:
-                    packet_id = (buf[t_end] << 8) | buf[t_end + 1]
-                    ready.append(IntakeMessage(topic, bytes(buf[start:stop]), 1, packet_id))
-                elif qos == 0:
-                    ready.append(IntakeMessage(topic, bytes(buf[start:stop]), 0, 0))
-                else:
-                    # We subscribe at QoS 1, so the broker downgrades; QoS 2 is a broken peer.
-                    raise MqttIntakeError("QoS 2 PUBLISH on a QoS 1 subscription")
+                ready.append(IntakeMessage(topic, bytes(buf[start:stop]), qos, packet_id))
             else:
                 self._control(kind, bytes(buf[i:stop]))
             pos = stop
         return pos
+
+    @staticmethod
+    def _publish_head(
+        buf: bytearray, first: int, i: int, stop: int
+    ) -> tuple[str, int, int, int] | None:
+        """(topic, QoS, packet id, where the rest starts) of a PUBLISH whose body starts at
+        ``i``, or None when its topic and packet id do not end by ``stop``."""
+        qos = (first >> 1) & 3
+        if qos > 1:
+            # We subscribe at QoS 1, so the broker downgrades; QoS 2 is a broken peer.
+            raise MqttIntakeError("QoS 2 PUBLISH on a QoS 1 subscription")
+        if i + 2 > stop:
+            return None
+        topic_len = (buf[i] << 8) | buf[i + 1]
+        t_end = i + 2 + topic_len
+        start = t_end + 2 if qos else t_end
+        if start > stop:
+            return None
+        topic = buf[i + 2 : t_end].decode("utf-8", "replace")
+        packet_id = (buf[t_end] << 8) | buf[t_end + 1] if qos else 0
+        return topic, qos, packet_id, start
 
     def _control(self, kind: int, body: bytes) -> None:
         if kind == _CONNACK:

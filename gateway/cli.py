@@ -294,6 +294,11 @@ _HEAVY_COMMANDS = {
         "add_anomaly_parser",
         "replay a series through the anomaly analyzer",
     ),
+    "vision": (
+        "gateway.vision_cli",
+        "add_vision_parser",
+        "pool person detector on image files: vision detect IMAGE... (JSON lines)",
+    ),
 }
 
 

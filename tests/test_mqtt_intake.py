@@ -373,19 +373,39 @@ async def test_a_burst_of_thousands_arrives_complete_and_in_order(
 
 
 @broker
-async def test_a_packet_over_the_size_limit_fails_the_session(
+async def test_a_publish_over_the_size_limit_is_skipped_marked_and_acked_away(
     mosquitto: Mosquitto, version: int
 ) -> None:
-    intake = await connected(mosquitto.port, version=version)
+    # Failing the session on it would never end: the broker redelivers an unacknowledged QoS 1
+    # message on every reconnect. The intake streams past the payload and hands over a marker.
+    size = MAX_PACKET_BYTES + 1
+    intake = await connected(mosquitto.port, "oversize", version=version)
     try:
         async with publisher(mosquitto.port) as pub:
             await pub.publish("t/small", b"ok", qos=1)
-            await pub.publish("t/huge", b"x" * (MAX_PACKET_BYTES + 1), qos=1)
-        [first] = await collect(intake, 1)
-        assert first.payload == b"ok"
-        with pytest.raises(MqttIntakeError, match="exceeds"):
-            async with asyncio.timeout(GUARD_S):
-                await intake.batch()
+            await pub.publish("t/huge", b"x" * size, qos=1)
+            await pub.publish("t/after", b"still here", qos=1)
+        got = await collect(intake, 3)
+        assert [(m.topic, m.payload, m.qos, m.oversized) for m in got[:1] + got[2:]] == [
+            ("t/small", b"ok", 1, 0),
+            ("t/after", b"still here", 1, 0),
+        ]
+        huge = got[1]
+        assert (huge.topic, huge.payload, huge.qos) == ("t/huge", b"", 1)
+        # The packet's remaining length: topic, packet id (and MQTT 5's empty properties).
+        assert huge.oversized == size + 2 + len("t/huge") + 2 + (1 if version == MQTT_5 else 0)
+        assert 1 <= huge.packet_id <= 0xFFFF
+        assert intake.unacked == 0
+    finally:
+        await intake.close()
+    # Acknowledged: the kept session does not hand it over again.
+    intake = await open_intake(mosquitto.port, "oversize", clean_session=False, version=version)
+    try:
+        assert intake.session_present is True
+        async with publisher(mosquitto.port) as pub:
+            await pub.publish("t/marker", b"marker", qos=1)
+        again = await collect_until(intake, b"marker")
+        assert [m.topic for m in again] == ["t/marker"]
     finally:
         await intake.close()
 
@@ -662,8 +682,8 @@ async def test_tls_with_the_test_ca(mosquitto_tls: Mosquitto, version: int) -> N
     [
         # Remaining length with a fifth continuation byte.
         (b"\x30\xff\xff\xff\xff\x7f", "malformed remaining length"),
-        # The protocol maximum (268,435,455), far over MAX_PACKET_BYTES: refused before buffering.
-        (b"\x30\xff\xff\xff\x7f", "exceeds"),
+        # A SUBACK of the protocol maximum (268,435,455): only a PUBLISH is streamed past.
+        (b"\x90\xff\xff\xff\x7f", "exceeds"),
         (publish_packet("t/q2", b"x", 2, 7), "QoS 2"),
         (b"\x36\x05\x00\x01t\x00\x07", "QoS"),  # QoS 3 (both bits): not a QoS at all
         (b"\x30\x00", "malformed PUBLISH"),  # too short for a topic length
@@ -953,6 +973,30 @@ async def test_messages_before_a_broken_packet_are_delivered_once() -> None:
     assert [m.payload for m in messages] == [b"good"]
     assert "malformed PUBLISH" in str(error)
     assert protocol.unacked == 1
+
+
+@pytest.mark.parametrize("version", [MQTT_311, MQTT_5], ids=["mqtt311", "mqtt5"])
+@pytest.mark.parametrize("qos", [0, 1])
+@pytest.mark.parametrize("cuts", [[], [1], [2, 9], [5, 700_000], [1_048_600], [1_048_590]])
+async def test_an_oversized_publish_is_never_buffered_and_parsing_resumes_after_it(
+    version: int, qos: int, cuts: list[int]
+) -> None:
+    props = b"" if version == MQTT_5 else None
+    huge = publish_packet("t/huge", b"x" * MAX_PACKET_BYTES, qos, 7, props=props)
+    after = publish_packet("t/after", b"next", 1, 8, props=props)
+    stream = huge + after
+    protocol, _transport = attached(max_unacked=100, version=version)
+    for chunk in split(stream, cuts):
+        protocol.data_received(chunk)
+        # At most the topic and packet id wait in the buffer; the payload is dropped.
+        assert len(protocol._buf) < 64
+    messages, error = await drain(protocol)
+    size = len(huge) - 4  # a 1-byte type and a 3-byte remaining length
+    assert messages == [
+        IntakeMessage("t/huge", b"", qos, 7 if qos else 0, oversized=size),
+        IntakeMessage("t/after", b"next", 1, 8),
+    ]
+    assert str(error) == "connection closed"
 
 
 async def test_after_disconnect_reading_resumes_and_arrivals_are_dropped() -> None:
