@@ -37,13 +37,15 @@ from drivers.lorawan import (
 )
 from drivers.lorawan import message_time as _message_time
 from drivers.mqtt_intake import (
+    MAX_PACKET_BYTES,
     MQTT_5,
     TERMINAL_CONNACK,
+    IntakeMessage,
     MqttIntake,
     MqttIntakeError,
     MqttRefusedError,
 )
-from gateway.errors import CodecError, TerminalUplinkError
+from gateway.errors import CodecError, EventValidationError, TerminalUplinkError
 from gateway.types import (
     Emit,
     Event,
@@ -257,6 +259,9 @@ class ChirpStackSource:
                 tg.create_task(self._watch_silence(emit), name=f"{self.name}-silence")
                 while True:
                     for n, message in enumerate(await client.batch(), start=1):
+                        if message.oversized:
+                            self._oversized(message, report_error, client.acker(message))
+                            continue
                         await self._process(
                             message.topic,
                             message.payload,
@@ -338,6 +343,21 @@ class ChirpStackSource:
         log.info("downlink_queued", device=dev_eui, f_port=f_port, id=downlink_id, n=len(payload))
         return downlink_id
 
+    def _oversized(
+        self, message: IntakeMessage, report_error: ReportError, ack: Callable[[], None]
+    ) -> None:
+        """A message the intake skipped unread (too large): counted, reported, acknowledged.
+
+        Acknowledged so the broker lets it go: kept, it would come back on every reconnect.
+        """
+        self._count("malformed")
+        report_error(
+            "malformed_message",
+            f"{message.topic[:200]}: message of {message.oversized} bytes exceeds the intake's"
+            f" limit of {MAX_PACKET_BYTES} bytes; dropped unread",
+        )
+        ack()
+
     async def _process(
         self,
         topic: str,
@@ -351,6 +371,13 @@ class ChirpStackSource:
         except CodecError as exc:
             self._count("malformed")
             report_error("malformed_message", str(exc))
+            ack()
+            return
+        except EventValidationError as exc:
+            # Parsed, but a field cannot be carried in an event (a NaN SNR in a protobuf
+            # message, say): as malformed as a bad body, and it must not stop the loop.
+            self._count("malformed")
+            report_error("malformed_message", f"{topic[:200]}: {exc}")
             ack()
             return
         if not items:
@@ -378,16 +405,20 @@ class ChirpStackSource:
                     )
                 return self._uplink(application_id, dev_eui, uplink, report_error)
         parsed = parse_message(topic, payload, marshaler)
+        try:
+            if parsed.event_type == "up":
+                full = uplink_from_message(parsed.message)
+            else:
+                ts = _message_time(parsed.message, datetime.fromtimestamp(self._clock(), UTC))
+        except CodecError as exc:  # a time or an SNR out of range
+            raise CodecError(f"device {parsed.dev_eui}: {parsed.event_type} event: {exc}") from exc
         if parsed.event_type == "up":
-            uplink = uplink_from_message(parsed.message)
-            return self._uplink(parsed.application_id, parsed.dev_eui, uplink, report_error)
-        return self._items(parsed)
+            return self._uplink(parsed.application_id, parsed.dev_eui, full, report_error)
+        return self._items(parsed, ts)
 
-    def _items(self, parsed: ChirpStackMessage) -> list[Reading | Event]:
+    def _items(self, parsed: ChirpStackMessage, ts: datetime) -> list[Reading | Event]:
         """Events of the other event types (join, status, ack, txack, log)."""
         msg = parsed.message
-        now = self._clock()
-        ts = _message_time(msg, datetime.fromtimestamp(now, UTC))
         dev_eui = parsed.dev_eui
         # Downlinks go to the application the device last talked through.
         self._tracker.device(dev_eui).application_id = parsed.application_id
@@ -397,11 +428,13 @@ class ChirpStackSource:
             return [self._event("device_joined", dev_eui, ts, msg.deduplication_id, ())]
         if parsed.event_type == "status":
             battery = None if msg.battery_level_unavailable else float(msg.battery_level)
-            self._tracker.status(dev_eui, battery, msg.margin)
+            # Built before the tracker keeps anything: a value no event can carry (a NaN
+            # battery level) raises here and leaves the device's link state as it was.
             values = [Measurement("margin", msg.margin, "dB")]
             if battery is not None:
                 values.append(Measurement("battery_level", round(battery, 2), "%"))
             values.append(Measurement("external_power", msg.external_power_source))
+            self._tracker.status(dev_eui, battery, msg.margin)
             return [self._event("device_status", dev_eui, ts, msg.deduplication_id, values)]
         if parsed.event_type == "ack":
             values = [
@@ -523,8 +556,16 @@ class ChirpStackSource:
 
 
 def integration_log_level(msg: Any) -> str:
-    return str(msg.DESCRIPTOR.fields_by_name["level"].enum_type.values_by_number[msg.level].name)
+    return _enum_name(msg, "level")
 
 
 def integration_log_code(msg: Any) -> str:
-    return str(msg.DESCRIPTOR.fields_by_name["code"].enum_type.values_by_number[msg.code].name)
+    return _enum_name(msg, "code")
+
+
+def _enum_name(msg: Any, field_name: str) -> str:
+    # Protobuf enums are open: a newer ChirpStack (or a broken peer) can send a number this
+    # chirpstack-api does not name. It is carried as the number, not a reason to fail.
+    number = getattr(msg, field_name)
+    value = msg.DESCRIPTOR.fields_by_name[field_name].enum_type.values_by_number.get(number)
+    return str(value.name) if value is not None else str(number)

@@ -28,7 +28,7 @@ from google.protobuf import duration_pb2, json_format, struct_pb2
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 
-from gateway.errors import CodecError
+from gateway.errors import CodecError, EventValidationError
 from gateway.types import Measurement
 
 EVENT_TYPES: dict[str, type[Message]] = {
@@ -408,9 +408,12 @@ class Uplink:
 
 
 def uplink_from_message(message: Any) -> Uplink:
-    """The Uplink of a parsed ``integration.UplinkEvent``."""
+    """The Uplink of a parsed ``integration.UplinkEvent``; CodecError for values out of range."""
     info = message.device_info
     best = max(message.rx_info, key=lambda rx: rx.rssi, default=None)
+    if best is not None and not math.isfinite(best.snr):
+        # Binary protobuf can carry a NaN (JSON cannot; parse_uplink_json declines it).
+        raise CodecError(f"rxInfo.snr is not a finite number (got: {best.snr})")
     return Uplink(
         deduplication_id=message.deduplication_id,
         time=_time_of(message),
@@ -427,9 +430,14 @@ def uplink_from_message(message: Any) -> Uplink:
 
 
 def _time_of(message: Any) -> datetime | None:
-    if message.HasField("time") and (message.time.seconds or message.time.nanos):
-        return datetime.fromtimestamp(message.time.seconds + message.time.nanos / 1e9, UTC)
-    return None
+    """The event's ``time``, None when unset; CodecError when no datetime can hold it."""
+    if not message.HasField("time") or not (message.time.seconds or message.time.nanos):
+        return None
+    seconds, nanos = message.time.seconds, message.time.nanos
+    # JSON times are checked by json_format; a binary Timestamp can hold any int64 seconds.
+    if not _TIMESTAMP_MIN_S <= seconds <= _TIMESTAMP_MAX_S or not 0 <= nanos <= 999_999_999:
+        raise CodecError(f"time out of range (got: {seconds} s, {nanos} ns)")
+    return datetime.fromtimestamp(seconds + nanos / 1e9, UTC)
 
 
 _UINT32_MAX = 2**32 - 1
@@ -565,10 +573,9 @@ def _struct_dict(value: Any, depth: int) -> Any:
 
 
 def message_time(message: Any, fallback: datetime) -> datetime:
-    """The event's own time, or ``fallback`` when ChirpStack left it out."""
-    if message.HasField("time") and (message.time.seconds or message.time.nanos):
-        return datetime.fromtimestamp(message.time.seconds + message.time.nanos / 1e9, UTC)
-    return fallback
+    """The event's own time, or ``fallback`` when ChirpStack left it out; CodecError when out
+    of range."""
+    return _time_of(message) or fallback
 
 
 # -- link tracking ---------------------------------------------------------------------------
@@ -793,7 +800,7 @@ class Profile:
                 # Several vendor decoders format numbers as text ("2799 mm", "0.00").
                 number = _LEADING_NUMBER.match(raw)
                 if number is None:
-                    values.append(Measurement(spec.name, raw[:256], spec.unit))
+                    values.append(self._measurement(spec, raw[:256]))
                     continue
                 raw = float(number.group(0))
             value = raw * spec.scale + spec.offset
@@ -801,12 +808,19 @@ class Profile:
                 spec.valid_max is not None and value > spec.valid_max
             ):
                 flags.add("out_of_range")
-            values.append(Measurement(spec.name, _tidy(value), spec.unit))
+            values.append(self._measurement(spec, _tidy(value)))
         if self.water_level is not None:
             flags |= self._water_level(values, params)
         if not values:
             raise CodecError(f"profile {self.name}: no mapped field in {sorted(decoded)[:12]}")
         return tuple(values), tuple(sorted(flags))
+
+    def _measurement(self, spec: FieldMap, value: float | str) -> Measurement:
+        try:
+            return Measurement(spec.name, value, spec.unit)
+        except EventValidationError as exc:
+            # A decoder's "1e999" or a lone surrogate: the codec's output is unusable.
+            raise CodecError(f"profile {self.name}: field {spec.field}: {exc}") from exc
 
     def _water_level(self, values: list[Measurement], params: Mapping[str, float]) -> set[str]:
         spec = self.water_level

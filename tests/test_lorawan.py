@@ -176,5 +176,14 @@ def test_profile_rejects_structured_values() -> None:
         profile.decode(1, b"", None, {})
 
 
+@pytest.mark.parametrize("value", ["1e999 mm", "\ud800", float("nan")])
+def test_profile_output_no_event_can_carry_is_a_codec_error(value: object) -> None:
+    # A decoder's text that reads as infinity, a lone surrogate, a NaN: a decode error for the
+    # frame loop to count, not an EventValidationError escaping it.
+    profile = Profile("odd", codec=lambda f, d: {"x": value}, fields=(FieldMap("x", "x"),))
+    with pytest.raises(CodecError, match="profile odd: field x"):
+        profile.decode(1, b"", None, {})
+
+
 def test_water_level_unbounded_range() -> None:
     assert WaterLevel("d").sensor_max_cm == math.inf

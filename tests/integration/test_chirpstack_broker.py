@@ -18,6 +18,7 @@ import pytest
 from chirpstack_api import integration
 from google.protobuf import json_format
 
+from drivers.mqtt_intake import MAX_PACKET_BYTES
 from gateway.app import Gateway
 from gateway.config import config_from_dict
 from gateway.types import Event
@@ -210,6 +211,75 @@ async def test_duplicates_gaps_resets_unknown_and_malformed(
     assert values(reset) == {"f_cnt": 0, "previous_f_cnt": 15}
     unknown = of_kind(tally, "unknown_device")
     assert len(unknown) == 1 and unknown[0].device == CLIMATE
+
+
+async def test_messages_that_parse_but_cannot_be_carried_are_malformed_not_fatal(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    # Binary protobuf carries what JSON cannot: times beyond year 9999, NaN floats, enum
+    # numbers this chirpstack-api does not name. None of them may stop the source.
+    far_future = uplink(GAUGE, 1, 1000)
+    far_future.time.seconds = 10**13
+    nan_snr = uplink(GAUGE, 2, 1000)
+    nan_snr.rx_info[0].snr = float("nan")
+    nan_battery = integration.StatusEvent(deduplication_id="st-nan", battery_level=float("nan"))
+    nan_battery.device_info.dev_eui = GAUGE
+    future_log = integration.LogEvent(level=42, code=4242, description="from a newer ChirpStack")
+    future_log.device_info.dev_eui = GAUGE
+    future_log.time.FromJsonString("2024-06-01T12:00:00Z")
+    cfg = gateway_config(tmp_path / "state", mosquitto.port)
+    async with Recorder(mosquitto.host, mosquitto.port, topics=[f"{BASE}/event/#"]) as rec:
+        tally = Tally(rec.messages)
+        async with running(cfg) as gateway:
+            await wait_subscribed(gateway)
+            async with aiomqtt.Client(mosquitto.host, mosquitto.port) as cs:
+                for event_type, message in (
+                    ("up", far_future),
+                    ("up", nan_snr),
+                    ("status", nan_battery),
+                    ("log", future_log),
+                    ("up", uplink(GAUGE, 3, 1111)),
+                ):
+                    await cs.publish(topic(GAUGE, event_type), message.SerializeToString(), qos=1)
+            await rec.wait_for(
+                lambda _m: any(values(e).get("f_cnt") == 3 for e in of_kind(tally, "reading"))
+            )
+            counters = gateway.metrics.counters
+            assert counters["source_errors_malformed_message"] == 3
+            assert gateway.source("chirpstack").counters["malformed"] == 3  # type: ignore[attr-defined]
+    assert [values(r)["f_cnt"] for r in of_kind(tally, "reading")] == [3]
+    (log_event,) = of_kind(tally, "chirpstack_log")
+    assert values(log_event)["code"] == "4242"
+
+
+async def test_an_oversized_message_is_counted_acknowledged_and_not_redelivered(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    # Over the intake's limit (mosquitto's message_size_limit allows it): the intake skips it
+    # unread; acknowledged, it does not come back when the gateway reconnects to its session.
+    cfg = gateway_config(tmp_path / "state", mosquitto.port)
+    huge = b"{" + b" " * MAX_PACKET_BYTES + b"}"
+    async with Recorder(mosquitto.host, mosquitto.port, topics=[f"{BASE}/event/#"]) as rec:
+        tally = Tally(rec.messages)
+
+        def has_reading(f_cnt: int) -> bool:
+            return any(values(e).get("f_cnt") == f_cnt for e in of_kind(tally, "reading"))
+
+        async with running(cfg) as gateway:
+            await wait_subscribed(gateway)
+            async with aiomqtt.Client(mosquitto.host, mosquitto.port) as cs:
+                await cs.publish(topic(GAUGE), huge, qos=1)
+                await cs.publish(topic(GAUGE), as_json(uplink(GAUGE, 1, 1000)), qos=1)
+            await rec.wait_for(lambda _m: has_reading(1))
+            assert gateway.metrics.counters["source_errors_malformed_message"] == 1
+            assert gateway.metrics.counters["source_errors"] == 1
+        async with running(cfg) as gateway:
+            await wait_subscribed(gateway)
+            async with aiomqtt.Client(mosquitto.host, mosquitto.port) as cs:
+                await cs.publish(topic(GAUGE), as_json(uplink(GAUGE, 2, 1000)), qos=1)
+            await rec.wait_for(lambda _m: has_reading(2))
+            # The broker resends unacknowledged messages first: nothing came back.
+            assert gateway.metrics.counters["source_errors"] == 0
 
 
 async def test_join_and_status_events(mosquitto: Mosquitto, tmp_path: Path) -> None:
