@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import socket
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from gateway.analyzers.pool_config import PoolConfig, SerialAlarmConfig
 from gateway.analyzers.pool_output import SerialAlarmOutput
@@ -13,6 +17,7 @@ from gateway.analyzers.pool_runtime import PoolMonitor
 from gateway.config import InferenceSection
 from gateway.health import Metrics
 from gateway.types import Event, Reading
+from tests.support.mosquitto import Mosquitto, Recorder
 from tests.support.socat import PtyPair
 
 
@@ -83,3 +88,45 @@ async def test_a_silent_camera_is_not_monitoring_within_the_configured_time(
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+@pytest.mark.broker
+async def test_the_local_alarm_sounds_with_the_uplink_down(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    """The platform's broker is unreachable: the alarm still reaches the pool's own broker."""
+    from gateway.app import Gateway
+    from gateway.config import config_from_dict
+    from gateway.demo import pool as demo_pool
+    from tests.integration.helpers import mqtt_config
+
+    with socket.socket() as probe:  # a port nobody listens on: the uplink cannot connect
+        probe.bind(("127.0.0.1", 0))
+        dead_port = probe.getsockname()[1]
+    cfg = mqtt_config(tmp_path / "state", dead_port)
+    pool = demo_pool.config()["pools"]["demo_pool"]
+    pool["local_alarm"] = {
+        "type": "mqtt",
+        "host": mosquitto.host,
+        "port": mosquitto.port,
+        "topic": "pool/main/alarm",
+    }
+    cfg["pools"] = {"main": pool}
+    gateway = Gateway(config_from_dict(cfg, "test"), {})
+    async with (
+        Recorder(mosquitto.host, mosquitto.port, topics=["pool/#"]) as on_site,
+        asyncio.TaskGroup() as tg,
+    ):
+        run = tg.create_task(gateway.run(stop_when_sources_done=True), name="gateway")
+        await on_site.wait_for(
+            lambda msgs: any(m.topic == "pool/main/alarm" for m in msgs), timeout=30
+        )
+        gateway.request_stop()
+        async with asyncio.timeout(30):
+            assert await run == 0
+    alarm = json.loads(next(m.payload for m in on_site.messages if m.topic == "pool/main/alarm"))
+    assert alarm["alarm"] == "main-1"
+    assert alarm["state"] == "alarm"
+    status = [json.loads(m.payload) for m in on_site.messages if m.topic.endswith("/status")]
+    assert status[0]["state"] == "monitoring"
+    assert gateway.metrics.counters["uplink_connects"] == 0
