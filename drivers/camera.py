@@ -128,6 +128,17 @@ class _Latest:
         self._closed = False
         self.dropped = 0
 
+    @property
+    def wanted(self) -> bool:
+        """Whether the consumer waits for a frame (read without the lock: a late answer only
+        converts one more frame, or one fewer)."""
+        return self._waiter is not None
+
+    def skip(self) -> None:
+        """A frame was read and not converted: nobody wanted it (reader thread)."""
+        with self._lock:
+            self.dropped += 1
+
     def put(self, frame: Frame) -> None:
         """Called from the reader thread."""
         with self._lock:
@@ -307,12 +318,21 @@ class CameraSource:
                 pace_s = 1.0 / fps if settings.kind == "file" else 0.0
                 try:
                     while not self._stop.is_set():
-                        ok, image = cap.read()
-                        if not ok or image is None:
+                        # Every frame is grabbed (decoded: the codec needs them all), but only
+                        # one the analysis is waiting for is converted to BGR: the newest one,
+                        # at most a camera frame old, and no colour conversion for the rest.
+                        if not cap.grab():
                             break
                         seq += 1
                         self.counters["frames_read"] += 1
-                        slot.put(Frame(np.asarray(image, dtype=np.uint8), time.monotonic(), seq))
+                        if not slot.wanted:
+                            slot.skip()
+                        else:
+                            ok, image = cap.retrieve()
+                            if not ok or image is None:
+                                break
+                            frame = Frame(np.asarray(image, dtype=np.uint8), time.monotonic(), seq)
+                            slot.put(frame)
                         if pace_s:
                             # A file standing in for a camera plays at its own frame rate.
                             self._stop.wait(pace_s)
