@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -124,3 +126,31 @@ def test_a_bad_config_or_pool_name_exits_78(
     config.write_text("")
     assert main(["detect", "-c", str(config), "--pool", "deep", "x.jpg"]) == 78
     assert "no pool named 'deep'" in capsys.readouterr().err
+
+
+def test_the_installed_command_runs_lazily_registered(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"nope")
+    image = str(FIXTURES / "fastestdet_3.jpg")
+    result = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "edge-gateway"),
+            "vision",
+            "detect",
+            "--card",
+            str(FASTESTDET),
+            image,
+            str(bad),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 1, result.stderr
+    first, second = (json.loads(line) for line in result.stdout.splitlines())
+    assert first["image"] == image and first["detections"]
+    assert second == {
+        "image": str(bad),
+        "error": f"{bad}: not a decodable image (JPEG, PNG, BMP, TIFF, WebP, ...)",
+    }
