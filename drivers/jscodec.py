@@ -74,6 +74,7 @@ __all__ = [
     "DecoderReportedError",
     "EntryPoint",
     "JsCodec",
+    "check_limits",
 ]
 
 # ChirpStack v4's default `codec.js.max_execution_time` is 100 ms.
@@ -154,6 +155,19 @@ class _Context(Protocol):
 _JS_ERRORS: Final[tuple[type[Exception], ...]] = (quickjs.JSException, UnicodeDecodeError)
 
 
+def check_limits(timeout_ms: int, memory_limit_bytes: int, max_output_bytes: int) -> None:
+    """Raise ValueError naming the first limit a decode cannot run with."""
+    if timeout_ms < 1:
+        raise ValueError(f"timeout_ms must be at least 1 (got: {timeout_ms})")
+    if memory_limit_bytes < _MIN_MEMORY_LIMIT_BYTES:
+        raise ValueError(
+            f"memory_limit_bytes must be at least {_MIN_MEMORY_LIMIT_BYTES}"
+            f" (got: {memory_limit_bytes})"
+        )
+    if max_output_bytes < 2:
+        raise ValueError(f"max_output_bytes must be at least 2 (got: {max_output_bytes})")
+
+
 class DecoderReportedError(CodecError):
     """The decoder ran and returned a non-empty ``errors`` list, which fails the decode.
 
@@ -192,15 +206,7 @@ class JsCodec:
         memory_limit_bytes: int = DEFAULT_MEMORY_LIMIT_BYTES,
         max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES,
     ) -> None:
-        if timeout_ms < 1:
-            raise ValueError(f"timeout_ms must be at least 1 (got: {timeout_ms})")
-        if memory_limit_bytes < _MIN_MEMORY_LIMIT_BYTES:
-            raise ValueError(
-                f"memory_limit_bytes must be at least {_MIN_MEMORY_LIMIT_BYTES}"
-                f" (got: {memory_limit_bytes})"
-            )
-        if max_output_bytes < 2:
-            raise ValueError(f"max_output_bytes must be at least 2 (got: {max_output_bytes})")
+        check_limits(timeout_ms, memory_limit_bytes, max_output_bytes)
         self._source = source
         self._name = name
         self._timeout_ms = timeout_ms

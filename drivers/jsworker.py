@@ -63,6 +63,7 @@ from drivers.jscodec import (
     DecoderReportedError,
     EntryPoint,
     JsCodec,
+    check_limits,
 )
 from gateway.errors import CodecError
 
@@ -127,10 +128,10 @@ class _MalformedReplyError(Exception):
 class JsWorker:
     """One decoder file, decoded by :class:`JsCodec` in a worker process with a hard deadline.
 
-    The constructor only records its arguments; :meth:`open` (or entering the context manager)
-    starts the worker and loads the file there, raising :class:`CodecError` for a file that
-    :class:`JsCodec` rejects (syntax error, failing top-level code, no entry point) and
-    ``ValueError`` for limits it rejects. :meth:`decode_uplink` opens lazily.
+    The constructor checks the limits (``ValueError``) and records its arguments; :meth:`open`
+    (or entering the context manager) starts the worker and loads the file there, raising
+    :class:`CodecError` for a file that :class:`JsCodec` rejects (syntax error, failing top-level
+    code, no entry point). :meth:`decode_uplink` opens lazily.
     """
 
     def __init__(
@@ -145,8 +146,8 @@ class JsWorker:
         start_timeout_s: float = DEFAULT_START_TIMEOUT_S,
         executable: str | None = None,
     ) -> None:
-        if timeout_ms < 1:
-            raise ValueError(f"timeout_ms must be at least 1 (got: {timeout_ms})")
+        # The codec's own limits are checked here, before a worker exists to refuse them.
+        check_limits(timeout_ms, memory_limit_bytes, max_output_bytes)
         if margin_ms < 0:
             raise ValueError(f"margin_ms must not be negative (got: {margin_ms})")
         if start_timeout_s <= 0:
@@ -345,10 +346,8 @@ class JsWorker:
             worker, load, subject="evaluating the file", activity="evaluating the file"
         )
         if "error" in reply:
-            # The file or a limit was refused: this worker holds nothing worth keeping.
+            # The file was refused: this worker holds nothing worth keeping.
             self._discard(worker, grace_s=_CLOSE_GRACE_S)
-            if reply.get("invalid_argument"):
-                raise ValueError(reply["error"])
             raise CodecError(reply["error"])
         self._entry_point = reply["entry_point"]
         worker.loaded = True
@@ -516,10 +515,8 @@ def _load(request: dict[str, Any]) -> tuple[JsCodec | None, dict[str, Any]]:
             memory_limit_bytes=request["memory_limit_bytes"],
             max_output_bytes=request["max_output_bytes"],
         )
-    except CodecError as exc:
+    except CodecError as exc:  # the parent checked the limits (check_limits) before
         return None, {"error": str(exc)}
-    except ValueError as exc:
-        return None, {"error": str(exc), "invalid_argument": True}
     return codec, {"entry_point": codec.entry_point}
 
 
