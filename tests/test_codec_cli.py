@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import selectors
 import subprocess
 import sys
@@ -19,6 +20,9 @@ from gateway import codec_cli
 FIXTURES = Path(__file__).parent / "fixtures" / "js"
 REPO = Path(__file__).parent.parent
 TIMEOUT_S = 60  # a hang fails the test instead of the run
+# QuickJS's limit counts CPU time, the worker's hard deadline wall time (50 ms later): on a
+# loaded machine either can act first, and both fail the decode as too slow.
+TIMED_OUT = "(timed out after|exceeded its time limit)"
 
 
 def run_cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
@@ -82,9 +86,9 @@ def test_last_line_without_newline_and_empty_input() -> None:
 
 def test_misbehaving_decoders_fail_their_line_only() -> None:
     for name, needle in [
-        ("loops_forever.js", "decodeUplink timed out after"),
+        ("loops_forever.js", f"decodeUplink {TIMED_OUT}"),
         ("throws.js", "decodeUplink threw RangeError: unsupported frame type"),
-        ("huge_array.js", "decodeUplink exceeded the memory limit (16 MiB)"),
+        ("huge_array.js", r"decodeUplink exceeded the memory limit \(16 MiB\)"),
         ("garbage.js", "returned invalid output: got a number"),
     ]:
         started = time.monotonic()
@@ -95,7 +99,7 @@ def test_misbehaving_decoders_fail_their_line_only() -> None:
         for line in out:
             assert list(line) == ["errors"]
             assert len(line["errors"]) == 1
-            assert needle in line["errors"][0]
+            assert re.search(needle, line["errors"][0])
             assert name in line["errors"][0]
         assert time.monotonic() - started < TIMEOUT_S
 
@@ -157,7 +161,7 @@ def test_limits_are_passed_through() -> None:
     done = run_cli(
         "run", "--timeout-ms", "25", str(FIXTURES / "loops_forever.js"), stdin=frame(1, "")
     )
-    assert "(limit 25 ms)" in lines_of(done.stdout)[0]["errors"][0]
+    assert re.search(r"limit (of )?25 ms", lines_of(done.stdout)[0]["errors"][0])
     done = run_cli(
         "run", "--memory-limit-mb", "4", str(FIXTURES / "huge_array.js"), stdin=frame(1, "")
     )
@@ -214,7 +218,7 @@ def test_syntax_error_exits_2_naming_file_and_line() -> None:
     [
         (["run", "/nonexistent/decoder.js"], "cannot read the decoder"),
         (["run", str(FIXTURES / "no_entry_point.js")], "defines no decodeUplink"),
-        (["run", str(FIXTURES / "loops_at_top_level.js")], "evaluating the file timed out"),
+        (["run", str(FIXTURES / "loops_at_top_level.js")], f"evaluating the file {TIMED_OUT}"),
         (["run"], "one of the arguments path --builtin is required"),
         (["run", "x.js", "--builtin", "y"], "not allowed with argument"),
         (["run", "--timeout-ms", "0", "x.js"], "must be at least 1"),
@@ -224,7 +228,7 @@ def test_syntax_error_exits_2_naming_file_and_line() -> None:
 def test_cannot_start_exits_2(args: list[str], needle: str) -> None:
     done = run_cli(*args)
     assert done.returncode == 2
-    assert needle in done.stderr
+    assert re.search(needle, done.stderr)
 
 
 # --- Builtin (Python) codecs
