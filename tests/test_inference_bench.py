@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
+import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support.bench import row_labels, run_bench
+
+pytestmark = pytest.mark.slow
 
 
 def test_inference_benchmark_quick_run() -> None:
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "inference_engine.py"), "--quick"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        check=False,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    rows = [line.split("  ")[0].strip() for line in result.stdout.splitlines()]
+    rows = row_labels(run_bench("inference_engine.py", "--quick"))
     for label in ("bare session.run", "LoadedModel.run", "engine, 1 caller", "engine, 64 callers"):
         assert label in rows

@@ -5,27 +5,15 @@ Figures are printed by the benchmark, never asserted here (a shared CI machine i
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support.bench import run_bench
 
 pytestmark = pytest.mark.slow
 
 
 def test_water_level_benchmark_quick_run() -> None:
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "water_level.py"), "--quick"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-        cwd=ROOT,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    stdout = run_bench("water_level.py", "--quick")
     for row in ("bare session.run", "analyzer, sync", "analyzer, daemon path", "RSS:"):
-        assert row in result.stdout, row
-    assert result.stdout.count("readings/s (target >= 2000)") == 2
+        assert row in stdout, row
+    assert stdout.count("readings/s (target >= 2000)") == 2
