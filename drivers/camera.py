@@ -25,7 +25,7 @@ import random
 import re
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -80,6 +80,9 @@ class Frame:
     image: npt.NDArray[np.uint8]
     t_s: float
     seq: int
+    # What the source's ``prepare`` made of the image in the reader thread (e.g. a model's
+    # input tensor), so that work overlaps the caller's analysis of the previous frame.
+    prepared: object = None
 
     @property
     def width(self) -> int:
@@ -188,11 +191,18 @@ class CameraSource:
     silent). The iterator ends only for a file that reached its end (without ``loop``).
     """
 
-    def __init__(self, name: str, settings: CameraSettings) -> None:
+    def __init__(
+        self,
+        name: str,
+        settings: CameraSettings,
+        prepare: Callable[[npt.NDArray[np.uint8]], object] | None = None,
+    ) -> None:
         if settings.analysis_fps <= 0:
             raise ValueError("analysis_fps must be > 0")
         self.name = name
         self.settings = settings
+        # Runs in the reader thread on every frame delivered (pure: no I/O, no shared state).
+        self.prepare = prepare
         self.state = "starting"
         self.problem: str | None = None
         self.counters: dict[str, int] = {
@@ -241,22 +251,21 @@ class CameraSource:
             fps = cap.get(cv2.CAP_PROP_FPS) or 25.0
             last_t = 0.0
             # The next frame is decoded while the caller analyses this one (a thread each).
-            pending = asyncio.ensure_future(asyncio.to_thread(_read_due, cap, fps, 0, 0.0))
+            read = functools.partial(_read_due, cap, fps, prepare=self.prepare)
+            pending = asyncio.ensure_future(asyncio.to_thread(read, 0, 0.0))
             try:
                 while True:
                     image = await pending
                     if image is None:
                         break
-                    index, arr = image
+                    index, arr, prepared = image
                     last_t = index / fps
                     next_due = last_t + step_s - 1e-9
-                    pending = asyncio.ensure_future(
-                        asyncio.to_thread(_read_due, cap, fps, index + 1, next_due)
-                    )
+                    pending = asyncio.ensure_future(asyncio.to_thread(read, index + 1, next_due))
                     self.counters["frames_read"] += 1
                     self.counters["frames_delivered"] += 1
                     seq += 1
-                    yield Frame(arr, offset_s + last_t, seq)
+                    yield Frame(arr, offset_s + last_t, seq, prepared)
             finally:
                 # A read in progress cannot be interrupted: the capture is released after it.
                 if pending.done():
@@ -331,8 +340,9 @@ class CameraSource:
                             ok, image = cap.retrieve()
                             if not ok or image is None:
                                 break
-                            frame = Frame(np.asarray(image, dtype=np.uint8), time.monotonic(), seq)
-                            slot.put(frame)
+                            arr = np.asarray(image, dtype=np.uint8)
+                            prepared = self.prepare(arr) if self.prepare is not None else None
+                            slot.put(Frame(arr, time.monotonic(), seq, prepared))
                         if pace_s:
                             # A file standing in for a camera plays at its own frame rate.
                             self._stop.wait(pace_s)
@@ -376,9 +386,15 @@ def _release(cap: cv2.VideoCapture, _done: object) -> None:
 
 
 def _read_due(
-    cap: cv2.VideoCapture, fps: float, index: int, due_s: float
-) -> tuple[int, npt.NDArray[np.uint8]] | None:
-    """Read a file to the first frame at or after ``due_s``; skipped frames are not decoded."""
+    cap: cv2.VideoCapture,
+    fps: float,
+    index: int,
+    due_s: float,
+    *,
+    prepare: Callable[[npt.NDArray[np.uint8]], object] | None,
+) -> tuple[int, npt.NDArray[np.uint8], object] | None:
+    """Read a file to the first frame at or after ``due_s`` (frames before it are grabbed, not
+    converted), and prepare it."""
     while index / fps < due_s:
         if not cap.grab():
             return None
@@ -386,4 +402,5 @@ def _read_due(
     ok, image = cap.read()
     if not ok or image is None:
         return None
-    return index, np.asarray(image, dtype=np.uint8)
+    arr = np.asarray(image, dtype=np.uint8)
+    return index, arr, prepare(arr) if prepare is not None else None

@@ -22,9 +22,11 @@ Frames exist only inside :meth:`PoolMonitor._analyse`; the events carry numbers 
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -60,7 +62,7 @@ from gateway.types import (
     utc_now,
 )
 from models.card import load_card
-from models.detection import Detection, DetectorSpec, decode, preprocess
+from models.detection import Detection, DetectorSpec, Transform, decode, preprocess
 
 __all__ = ["PoolMonitor", "pool_commands"]
 
@@ -81,6 +83,23 @@ _SIGNAL_KIND = {
     "alarm": ("pool_alarm", Severity.ALARM),
     "alarm_movement": ("pool_alarm_movement", Severity.WARNING),
 }
+
+
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    """A frame's detector input, made in the camera's reader thread."""
+
+    spec: DetectorSpec
+    tensor: npt.NDArray[np.float32]
+    transform: Transform
+
+
+def _prepare(spec: DetectorSpec, image: npt.NDArray[np.uint8]) -> _Prepared | None:
+    try:
+        tensor, transform = preprocess(image, spec)
+    except ValueError:
+        return None  # the analysis runs preprocess again and reports the problem
+    return _Prepared(spec, tensor, transform)
 
 
 def _box_values(box: Sequence[float]) -> tuple[Measurement, ...]:
@@ -225,7 +244,7 @@ class PoolMonitor:
                     if frame is None:
                         continue  # the ticker notices a silent camera
                     self._last_arrival = self._clock()
-                    await self._analyse(frame.image, frame.t_s)
+                    await self._analyse(frame.image, frame.t_s, frame.prepared)
                     # The frame is dropped here: the loop variable is the last reference.
                     del frame
                 if self.cfg.camera.pace != "fast":
@@ -251,8 +270,11 @@ class PoolMonitor:
                 if self._engine.available(name)
                 else await self._engine.load(path)
             )
-            self._spec = DetectorSpec.from_card(model.card, str(path))
+            spec = self._spec = DetectorSpec.from_card(model.card, str(path))
             self._model_name = name
+            # The camera's reader thread prepares the detector input of each frame it delivers,
+            # while the previous frame is being analysed.
+            self.camera.prepare = functools.partial(_prepare, spec)
         except (ModelError, GatewayError) as exc:
             self._model_problem = str(exc)[:250]
             report_error("pool_detector", f"pool {self.name}: {exc}")
@@ -275,7 +297,9 @@ class PoolMonitor:
                 alarm.repeats += 1
                 await self._send_alarm(alarm, now)
 
-    async def _analyse(self, image: npt.NDArray[np.uint8], t_s: float) -> None:
+    async def _analyse(
+        self, image: npt.NDArray[np.uint8], t_s: float, prepared: object = None
+    ) -> None:
         self.counters["frames"] += 1
         self._last_frame_t = t_s
         change: HealthChange | None = None
@@ -287,7 +311,7 @@ class PoolMonitor:
             stats = compute_stats(grey, self._grey)
             self._grey = grey
             change = self.health.observe(t_s, stats)
-        detections = await self._detect(image)
+        detections = await self._detect(image, prepared)
         height, width = image.shape[:2]
         await self._report_status(change)
         if detections is None:
@@ -295,12 +319,17 @@ class PoolMonitor:
         for signal in self.analyzer.step(t_s, detections, width, height):
             await self._on_signal(signal)
 
-    async def _detect(self, image: npt.NDArray[np.uint8]) -> list[Detection] | None:
+    async def _detect(
+        self, image: npt.NDArray[np.uint8], prepared: object = None
+    ) -> list[Detection] | None:
         engine, spec, name = self._engine, self._spec, self._model_name
         if engine is None or spec is None or name is None:
             return None
         try:
-            tensor, transform = preprocess(image, spec)
+            if isinstance(prepared, _Prepared) and prepared.spec is spec:
+                tensor, transform = prepared.tensor, prepared.transform
+            else:
+                tensor, transform = preprocess(image, spec)
             outputs = await engine.run(name, {spec.input_name: tensor})
             found = decode(outputs, spec, transform, score_threshold=self.cfg.score_threshold)
         except (ModelError, ValueError) as exc:
