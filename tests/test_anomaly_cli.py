@@ -46,22 +46,25 @@ def read_out(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
+def replay_args(src: Path, out: Path, *extra: str) -> list[str]:
+    """``replay`` with the columns ``write_csv`` writes."""
+    return [
+        "replay",
+        "--input",
+        str(src),
+        "--time-column",
+        "time",
+        "--value-column",
+        "level",
+        "--out",
+        str(out),
+        *extra,
+    ]
+
+
 def replay(tmp_path: Path, src: Path, *extra: str) -> tuple[int, list[dict[str, str]]]:
     out = tmp_path / "out.csv"
-    code = main(
-        [
-            "replay",
-            "--input",
-            str(src),
-            "--time-column",
-            "time",
-            "--value-column",
-            "level",
-            "--out",
-            str(out),
-            *extra,
-        ]
-    )
+    code = main(replay_args(src, out, *extra))
     return code, read_out(out) if out.exists() else []
 
 
@@ -75,17 +78,7 @@ def test_the_exact_interface_through_the_installed_command(tmp_path: Path) -> No
             "-m",
             "gateway.cli",
             "anomaly",
-            "replay",
-            "--input",
-            str(src),
-            "--time-column",
-            "time",
-            "--value-column",
-            "level",
-            "--profile",
-            "water-level",
-            "--out",
-            str(out),
+            *replay_args(src, out, "--profile", "water-level"),
         ],
         capture_output=True,
         text=True,
