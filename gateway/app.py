@@ -590,6 +590,12 @@ class Gateway:
         if unavailable:
             # systemctl status shows this line: a refused model is seen without reading logs.
             status += f"; models unavailable: {', '.join(sorted(unavailable))}"
+        for pool in self._pools:
+            if not pool.monitoring:
+                # An unwatched pool is said where a technician looks first.
+                status += (
+                    f"; pool {pool.name} NOT monitoring ({','.join(pool.reasons()) or 'starting'})"
+                )
         return status
 
     async def _watchdog(self, outbox: Outbox, uplink: Uplink) -> None:

@@ -250,3 +250,39 @@ async def test_the_gateway_runs_the_demo_pool_into_the_outbox(tmp_path: Path) ->
     assert kinds == ["pool_status", "pool_candidate", "pool_alarm"]
     assert events[2].lane.name == "ALARM"
     assert gateway.metrics.counters["pool_alarm"] == 1
+
+
+async def test_an_unwatched_pool_is_named_in_the_systemd_status(tmp_path: Path) -> None:
+    import socket
+
+    from gateway.app import Gateway
+    from gateway.config import config_from_dict
+
+    cfg = config_from_dict(
+        {
+            "gateway": {"id": "t", "state_dir": str(tmp_path / "state")},
+            "uplink": {"type": "file", "path": str(tmp_path / "out.jsonl"), "fsync": False},
+            "pools": {
+                "main": {
+                    "camera": {"url": str(CLIP), "pace": "fast"},
+                    "detector_card": str(tmp_path / "missing.toml"),
+                }
+            },
+        },
+        "test",
+    )
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(tmp_path / "notify.sock"))
+        sock.settimeout(10)
+        gateway = Gateway(cfg, {"NOTIFY_SOCKET": str(tmp_path / "notify.sock")})
+        assert await gateway.run(stop_when_sources_done=True) == 0
+        messages = []
+        sock.settimeout(0.5)
+        while True:
+            try:
+                messages.append(sock.recv(4096).decode())
+            except TimeoutError:
+                break
+    assert messages[0].startswith("READY=1\nSTATUS=")
+    assert "; pool main NOT monitoring (" in messages[0]
+    assert "pool main NOT monitoring (detector_unavailable" in messages[-1]
