@@ -405,6 +405,15 @@ def compare_outputs(
     return Comparison(rows, elements, abs_sum, max_abs, decisions, agreements)
 
 
+def _identity(model: LoadedModel) -> dict[str, Any]:
+    """Which model a stats entry describes."""
+    return {
+        "version": model.version,
+        "sha256": model.sha256,
+        "quantization": model.card.quantization,
+    }
+
+
 class _ShadowStats:
     """Running comparison of a candidate with the active model."""
 
@@ -431,11 +440,8 @@ class _ShadowStats:
         self.run_ms.append(run_ms)
 
     def summary(self) -> dict[str, Any]:
-        card = self.model.card
         return {
-            "version": card.version,
-            "sha256": self.model.sha256,
-            "quantization": card.quantization,
+            **_identity(self.model),
             "runs": self.runs,
             "rows": self.rows,
             "mean_abs_diff": self.abs_diff_sum / self.elements if self.elements else None,
@@ -469,11 +475,8 @@ class _Lane:
         self.run_ms: deque[float] = deque(maxlen=_LATENCY_WINDOW)
 
     def summary(self) -> dict[str, Any]:
-        card = self.model.card
         return {
-            "version": card.version,
-            "sha256": self.model.sha256,
-            "quantization": card.quantization,
+            **_identity(self.model),
             "calls": self.calls,
             "errors": self.errors,
             "timeouts": self.timeouts,
@@ -510,7 +513,13 @@ class _JobResult:
 
 
 def _same_signature(old: LoadedModel, new: LoadedModel) -> str | None:
-    """Why ``new`` cannot stand in for ``old`` (name, inputs, outputs), or None."""
+    """Why ``new`` cannot stand in for ``old`` (name, inputs, outputs, processing), or None.
+
+    The processing definition (``preprocess``, ``postprocess``, ``params``) must match too: the
+    analyzers read it once, when they start (the water-level feature window and scaling, a
+    detector's decoding), and would feed a model with other params what it was not trained on.
+    Thresholds may differ; they are read with every result.
+    """
     if new.card.name != old.card.name:
         return f"the card is for model {new.card.name!r}, not {old.card.name!r}"
     for kind in ("inputs", "outputs"):
@@ -518,6 +527,10 @@ def _same_signature(old: LoadedModel, new: LoadedModel) -> str | None:
         theirs = [spec.model_dump() for spec in getattr(new.card, kind)]
         if mine != theirs:
             return f"{kind} differ from the active model's ({theirs} vs {mine})"
+    for key in ("preprocess", "postprocess", "params"):
+        mine, theirs = getattr(old.card, key), getattr(new.card, key)
+        if mine != theirs:
+            return f"{key} differs from the active model's ({theirs} vs {mine})"
     return None
 
 
@@ -619,6 +632,19 @@ class InferenceEngine:
     def _load_blocking(self, card_path: Path) -> LoadedModel:
         return load_model(card_path, threads=self._cfg.intra_op_threads)
 
+    async def _load_for(self, name: str, lane: _Lane | None, card_path: Path) -> LoadedModel:
+        """Load ``card_path`` to stand in for model ``name`` (its lane's model, if any)."""
+        model = await self._off_loop(self._load_blocking, card_path)
+        if lane is not None:
+            problem = _same_signature(lane.model, model)
+        elif model.model_id != name:
+            problem = f"the card is for model {model.model_id!r}, not {name!r}"
+        else:
+            problem = None
+        if problem is not None:
+            raise ModelError(f"{card_path}: {problem}")
+        return model
+
     async def load(self, card_path: Path) -> LoadedModel:
         """Verify, warm up and activate a model under its card's name (ModelError if taken)."""
         model = await self._off_loop(self._load_blocking, card_path)
@@ -669,15 +695,7 @@ class InferenceEngine:
         """
         lane = self._lanes.get(name)
         try:
-            new = await self._off_loop(self._load_blocking, card_path)
-            if lane is not None:
-                problem = _same_signature(lane.model, new)
-                if problem is not None:
-                    raise ModelError(f"{card_path}: {problem}")
-            elif new.model_id != name:
-                raise ModelError(
-                    f"{card_path}: the card is for model {new.model_id!r}, not {name!r}"
-                )
+            new = await self._load_for(name, lane, card_path)
         except ModelError as exc:
             if lane is not None:
                 lane.swap_failures += 1
@@ -714,10 +732,7 @@ class InferenceEngine:
         try:
             if lane is None:
                 raise self._not_loaded(name)
-            candidate = await self._off_loop(self._load_blocking, card_path)
-            problem = _same_signature(lane.model, candidate)
-            if problem is not None:
-                raise ModelError(f"{card_path}: {problem}")
+            candidate = await self._load_for(name, lane, card_path)
         except ModelError as exc:
             log.error("model_shadow_refused", model=name, card=str(card_path), reason=str(exc))
             raise

@@ -257,7 +257,9 @@ async def test_hot_swap_replaces_the_model(tmp_path: Path) -> None:
         assert stats["swaps"] == 1
 
 
-@pytest.mark.parametrize("problem", ["corrupt", "wrong_sha", "warmup", "signature", "name"])
+@pytest.mark.parametrize(
+    "problem", ["corrupt", "wrong_sha", "warmup", "signature", "name", "params", "preprocess"]
+)
 async def test_failed_swap_keeps_the_active_model(tmp_path: Path, problem: str) -> None:
     old_card = linear_card(tmp_path / "v1")
     new_dir = tmp_path / "v2"
@@ -277,6 +279,14 @@ async def test_failed_swap_keeps_the_active_model(tmp_path: Path, problem: str) 
     elif problem == "signature":
         data["outputs"] = [{"name": "y", "shape": ["n", 2], "dtype": "float32"}]
         expected = "outputs differ from the active model's"
+    elif problem == "params":
+        # Analyzers read the processing definition once; a model with other params would be
+        # fed features it was not trained on.
+        data["params"] = {"window": 32}
+        expected = "params differs from the active model's"
+    elif problem == "preprocess":
+        data["preprocess"] = "another_kind"
+        expected = "preprocess differs from the active model's"
     else:
         data["name"] = "other_model"
         expected = "the card is for model 'other_model', not 'tiny_linear'"
