@@ -43,6 +43,7 @@ from drivers.jscodec import (
     DecoderReportedError,
 )
 from drivers.jsworker import JsWorker
+from gateway.argtypes import positive_int
 from gateway.errors import CodecError
 
 __all__ = ["add_codec_parser", "main", "run_lines"]
@@ -56,16 +57,6 @@ Decode = Callable[[int, bytes, dict[str, Any]], dict[str, Any]]
 
 class _InputError(ValueError):
     """An input line that is not a frame; reported on its output line."""
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1 (got: {value})")
-    return value
 
 
 def _configure(parser: argparse.ArgumentParser) -> None:
@@ -85,13 +76,13 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--builtin", metavar="NAME", help="a Python codec of drivers.codecs")
     run.add_argument(
         "--timeout-ms",
-        type=_positive_int,
+        type=positive_int,
         default=DEFAULT_TIMEOUT_MS,
         help=f"JavaScript time limit per frame (default {DEFAULT_TIMEOUT_MS})",
     )
     run.add_argument(
         "--memory-limit-mb",
-        type=_positive_int,
+        type=positive_int,
         default=DEFAULT_MEMORY_LIMIT_BYTES // (1024 * 1024),
         help="JavaScript heap limit per frame in MiB"
         f" (default {DEFAULT_MEMORY_LIMIT_BYTES // (1024 * 1024)})",

@@ -27,6 +27,7 @@ import numpy as np
 import onnxruntime as ort
 
 import models
+from gateway.argtypes import positive_int
 from gateway.config import load_config
 from gateway.errors import ConfigError, ModelError
 from gateway.inference import LoadedModel, load_model, session_options, warmup_feeds
@@ -368,16 +369,6 @@ def cmd_eval(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
     return EXIT_OK
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1 (got: {value})")
-    return value
-
-
 def add_models_parser(sub: Any) -> None:
     """Register ``models list|verify|quantize|eval`` on the main parser's sub-commands."""
     models_cmd = sub.add_parser("models", help="model cards: list, verify, quantise, evaluate")
@@ -417,7 +408,7 @@ def add_models_parser(sub: Any) -> None:
     quant_cmd.add_argument("--eval", action="store_true", help="also report the metric delta")
     quant_cmd.add_argument("--data", default=str(default_data_dir()), metavar="DIR")
     quant_cmd.add_argument(
-        "--runs", type=_positive_int, default=_LATENCY_RUNS, help="latency runs per model"
+        "--runs", type=positive_int, default=_LATENCY_RUNS, help="latency runs per model"
     )
     quant_cmd.set_defaults(models_func=cmd_quantize)
 
