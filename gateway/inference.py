@@ -266,6 +266,10 @@ def load_model(card_path: Path, *, threads: int = 1) -> LoadedModel:
         raise ModelError(f"{card_path}: file: is a directory (got: {model_path})") from exc
     except PermissionError as exc:
         raise ModelError(f"{card_path}: file: permission denied (got: {model_path})") from exc
+    except OSError as exc:
+        raise ModelError(
+            f"{card_path}: file: cannot read ({exc.strerror or exc}) (got: {model_path})"
+        ) from exc
     digest = hashlib.sha256(blob).hexdigest()
     if digest != card.sha256:
         raise ModelError(

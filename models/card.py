@@ -243,6 +243,10 @@ def load_card(path: Path) -> ModelCard:
         raise ModelError(f"{path}: card: is a directory") from exc
     except PermissionError as exc:
         raise ModelError(f"{path}: card: permission denied") from exc
+    except OSError as exc:
+        # A path through a file, a name too long, a symlink loop: a remote model_swap can name
+        # any of these, and the caller handles ModelError only.
+        raise ModelError(f"{path}: card: cannot read ({exc.strerror or exc})") from exc
     except UnicodeDecodeError as exc:
         raise ModelError(f"{path}: card: not UTF-8 text ({exc.reason})") from exc
     try:

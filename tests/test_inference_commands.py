@@ -77,6 +77,29 @@ async def test_cards_outside_the_models_dir_are_refused(
     assert engine.stats()["models"]["tiny_linear"]["swap_failures"] == 0
 
 
+@pytest.mark.parametrize(
+    ("command", "card", "expected"),
+    [
+        # A path through a file, a name too long: OSErrors other than "not found" used to
+        # escape the handler and end the gateway.
+        ("model_swap", "v2/c.toml/x.toml", "swap refused, the active model stays: "),
+        ("model_swap", "x" * 300 + ".toml", "swap refused, the active model stays: "),
+        ("model_shadow", "v2/c.toml/x.toml", "shadow refused: "),
+    ],
+)
+async def test_unreadable_card_paths_are_refused_not_fatal(
+    setup: tuple[Commands, InferenceEngine, Path], command: str, card: str, expected: str
+) -> None:
+    commands, engine, _ = setup
+    reply = await _send(commands, command, {"model": "tiny_linear", "card": card})
+    assert reply.kind == "command_error"
+    error = str(_values(reply)["error"])
+    assert error.startswith(expected)
+    # (The reply's text is cut at 250 characters: the long name leaves no room for the reason.)
+    assert "cannot read" in error or len(card) > 250
+    assert engine.active("tiny_linear").version == "1.0.0"
+
+
 async def test_shadow_command_starts_and_stops(
     setup: tuple[Commands, InferenceEngine, Path],
 ) -> None:

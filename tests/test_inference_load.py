@@ -11,7 +11,7 @@ import pytest
 from gateway.errors import ModelError
 from gateway.inference import load_model
 from gateway.types import Provenance
-from models.card import sha256_file
+from models.card import load_card, sha256_file
 from tests.support.tiny_models import (
     linear_card,
     linear_card_data,
@@ -69,6 +69,15 @@ def test_missing_model_file(tmp_path: Path) -> None:
     card = linear_card(tmp_path)
     (tmp_path / "tiny_linear.onnx").unlink()
     with pytest.raises(ModelError, match=r"tiny_linear\.toml: file: model file not found"):
+        load_model(card)
+
+
+def test_a_model_path_through_a_file_is_a_model_error(tmp_path: Path) -> None:
+    card = linear_card(tmp_path)
+    data = load_card(card).model_dump()
+    data["file"] = "tiny_linear.onnx/inner.onnx"  # NotADirectoryError, not "not found"
+    write_card(card, data)
+    with pytest.raises(ModelError, match=r"file: cannot read \(Not a directory\)"):
         load_model(card)
 
 
