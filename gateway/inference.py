@@ -14,6 +14,7 @@ import contextlib
 import functools
 import hashlib
 import time
+import zipfile
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -222,14 +223,20 @@ def warmup_feeds(card: ModelCard, card_path: Path) -> dict[str, np.ndarray]:
             for spec in card.inputs
         }
     try:
-        with np.load(sample, allow_pickle=False) as npz:
-            return {name: np.asarray(npz[name]) for name in npz.files}
+        loaded = np.load(sample, allow_pickle=False)
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            with loaded as npz:
+                return {name: np.asarray(npz[name]) for name in npz.files}
     except FileNotFoundError as exc:
         raise ModelError(f"{card_path}: sample: file not found (got: {sample})") from exc
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
         raise ModelError(
             f"{card_path}: sample: not a readable .npz ({exc}) (got: {sample})"
         ) from exc
+    # np.load read a plain .npy array: no input names to feed it by.
+    raise ModelError(
+        f"{card_path}: sample: not a readable .npz (an .npy array, no input names) (got: {sample})"
+    )
 
 
 def session_options(threads: int) -> ort.SessionOptions:

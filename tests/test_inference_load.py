@@ -187,6 +187,13 @@ def test_warm_up_uses_the_card_sample_and_fails_clearly(tmp_path: Path) -> None:
     missing = write_card(tmp_path / "m.toml", reshape_card_data(model_file, sample="none.npz"))
     with pytest.raises(ModelError, match=r"m\.toml: sample: file not found"):
         load_model(missing)
+    # A broken zip and a plain .npy array: ModelError too, not BadZipFile or AttributeError.
+    (tmp_path / "broken.npz").write_bytes(b"PK\x03\x04" + b"\x00" * 40)
+    np.save(tmp_path / "array.npy", np.ones((1, 4), np.float32))
+    for sample in ("broken.npz", "array.npy"):
+        card = write_card(tmp_path / "s.toml", reshape_card_data(model_file, sample=sample))
+        with pytest.raises(ModelError, match=r"s\.toml: sample: not a readable \.npz"):
+            load_model(card)
 
 
 def test_warm_up_checks_output_shape_against_card(tmp_path: Path) -> None:
