@@ -304,7 +304,9 @@ def _cmd_replay(args: argparse.Namespace) -> int:
                 errors=sys.stderr,
             )
         tmp.replace(out_path)
-    except ReplayError as exc:
+    except (ReplayError, ModelError) as exc:
+        # ModelError: the model failed at run time (a card given with --model); the daemon
+        # would say no_score, but a replay's point is the model's verdict: stop and say why.
         tmp.unlink(missing_ok=True)
         _say(str(exc))
         return EXIT_USAGE

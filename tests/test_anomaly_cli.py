@@ -20,6 +20,8 @@ from gateway.app import Gateway
 from gateway.config import config_from_dict
 from gateway.types import Event, Severity
 from gateway.wire import Encoding, decode
+from models.water_level.features import ForecastParams
+from tests.support.tiny_models import linear_card_data, linear_model, write_card
 
 T0 = datetime(2020, 9, 18, 12, 15, tzinfo=UTC)
 
@@ -179,6 +181,28 @@ def test_rows_out_of_time_order_are_flagged(tmp_path: Path) -> None:
     code, verdicts = replay(tmp_path, write_csv(tmp_path / "in.csv", rows))
     assert code == 0
     assert [v["flags"] for v in verdicts] == ["", "out_of_order"]
+
+
+def test_a_model_that_fails_on_the_series_is_an_error_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The card's feature window (16) disagrees with its model's input (8): the warm-up with
+    # zeros passes, the first real batch does not.
+    model = linear_model(tmp_path / "m.onnx", in_dim=8, out_dim=1)
+    data = linear_card_data(
+        model,
+        inputs=[{"name": "x", "shape": ["batch", 8], "dtype": "float32"}],
+        outputs=[{"name": "y", "shape": ["batch", 1], "dtype": "float32"}],
+        params=ForecastParams().to_params(),
+        thresholds={"anomaly": 0.5},
+    )
+    card = write_card(tmp_path / "m.toml", data)
+    rows = [((T0 + timedelta(minutes=15 * i)).isoformat(), 100.0 + i % 3) for i in range(40)]
+    code, _ = replay(tmp_path, write_csv(tmp_path / "in.csv", rows), "--model", str(card))
+    assert code == 2
+    assert "inputs.x: shape must be [batch, 8]" in capsys.readouterr().err
+    assert not (tmp_path / "out.csv").exists()
+    assert not (tmp_path / "out.csv.part").exists()
 
 
 def test_the_progress_bar_is_drawn_on_a_terminal_only() -> None:
