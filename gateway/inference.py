@@ -212,6 +212,21 @@ def _check_signature(
     return problems
 
 
+def read_npz(path: Path, what: str) -> dict[str, np.ndarray]:
+    """The named arrays of an .npz; ModelError starting with ``what`` when it cannot be read."""
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            with loaded as npz:
+                return {name: np.asarray(npz[name]) for name in npz.files}
+    except FileNotFoundError as exc:
+        raise ModelError(f"{what}: file not found (got: {path})") from exc
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+        raise ModelError(f"{what}: not a readable .npz ({exc}) (got: {path})") from exc
+    # np.load read a plain .npy array: no input names to feed it by.
+    raise ModelError(f"{what}: not a readable .npz (an .npy array, no input names) (got: {path})")
+
+
 def warmup_feeds(card: ModelCard, card_path: Path) -> dict[str, np.ndarray]:
     """The card's sample input, or zeros with every symbolic dim set to 1."""
     sample = card.sample_path(card_path)
@@ -222,21 +237,7 @@ def warmup_feeds(card: ModelCard, card_path: Path) -> dict[str, np.ndarray]:
             )
             for spec in card.inputs
         }
-    try:
-        loaded = np.load(sample, allow_pickle=False)
-        if isinstance(loaded, np.lib.npyio.NpzFile):
-            with loaded as npz:
-                return {name: np.asarray(npz[name]) for name in npz.files}
-    except FileNotFoundError as exc:
-        raise ModelError(f"{card_path}: sample: file not found (got: {sample})") from exc
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
-        raise ModelError(
-            f"{card_path}: sample: not a readable .npz ({exc}) (got: {sample})"
-        ) from exc
-    # np.load read a plain .npy array: no input names to feed it by.
-    raise ModelError(
-        f"{card_path}: sample: not a readable .npz (an .npy array, no input names) (got: {sample})"
-    )
+    return read_npz(sample, f"{card_path}: sample")
 
 
 def session_options(threads: int) -> ort.SessionOptions:

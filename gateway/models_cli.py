@@ -30,7 +30,13 @@ import models
 from gateway.argtypes import positive_int
 from gateway.config import load_config
 from gateway.errors import ConfigError, ModelError
-from gateway.inference import LoadedModel, load_model, session_options, warmup_feeds
+from gateway.inference import (
+    LoadedModel,
+    load_model,
+    read_npz,
+    session_options,
+    warmup_feeds,
+)
 from models.card import ModelCard, dump_card, load_card, sha256_file
 from models.evaluation import Evaluation, EvaluationUnavailableError
 from models.evaluators import EVALUATORS
@@ -198,13 +204,7 @@ def calibration_sets(npz: Path, card: ModelCard) -> Iterator[dict[str, np.ndarra
     For an input with a batch dim, sample ``i`` is ``array[i:i+1]``; for a fixed-shape input
     it is ``array[i]``.
     """
-    try:
-        with np.load(npz, allow_pickle=False) as data:
-            arrays = {name: np.asarray(data[name]) for name in data.files}
-    except FileNotFoundError as exc:
-        raise ModelError(f"{npz}: calibration file not found") from exc
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{npz}: not a readable .npz ({exc})") from exc
+    arrays = read_npz(npz, "calibration")
     wanted = {spec.name for spec in card.inputs}
     if set(arrays) != wanted:
         raise ModelError(
