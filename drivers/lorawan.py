@@ -434,10 +434,14 @@ def _time_of(message: Any) -> datetime | None:
     if not message.HasField("time") or not (message.time.seconds or message.time.nanos):
         return None
     seconds, nanos = message.time.seconds, message.time.nanos
-    # JSON times are checked by json_format; a binary Timestamp can hold any int64 seconds.
-    if not _TIMESTAMP_MIN_S <= seconds <= _TIMESTAMP_MAX_S or not 0 <= nanos <= 999_999_999:
-        raise CodecError(f"time out of range (got: {seconds} s, {nanos} ns)")
-    return datetime.fromtimestamp(seconds + nanos / 1e9, UTC)
+    # JSON times are checked by json_format; a binary Timestamp can hold any int64 seconds. And
+    # the float sum rounds the last nanoseconds of 9999-12-31 into year 10000.
+    try:
+        if not _TIMESTAMP_MIN_S <= seconds <= _TIMESTAMP_MAX_S or not 0 <= nanos <= 999_999_999:
+            raise ValueError("not a protobuf Timestamp")
+        return datetime.fromtimestamp(seconds + nanos / 1e9, UTC)
+    except (ValueError, OverflowError, OSError) as exc:
+        raise CodecError(f"time out of range (got: {seconds} s, {nanos} ns)") from exc
 
 
 _UINT32_MAX = 2**32 - 1
