@@ -624,7 +624,9 @@ def _card(
         description=(
             "One-class person-in-water detector: PP-PicoDet-S 416 backbone and neck (COCO, "
             "frozen) with its GFL head fine-tuned on swimmers (models/pool/train.py). Outputs per "
-            "stride 8/16/32/64: person score (sigmoid) and 4 x 8 box-side distributions."
+            "stride 8/16/32/64: person score (sigmoid) and 4 x 8 box-side distributions. int8: "
+            "the head is int8 (static QDQ); backbone and neck stay fp32, which per-tensor int8 "
+            "cannot represent (models/pool/README.md)."
         ),
         metrics=metrics,
     )
