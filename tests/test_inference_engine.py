@@ -84,6 +84,21 @@ async def _let_calls_queue() -> None:
     await asyncio.sleep(0)
 
 
+async def _run_queued(
+    eng: InferenceEngine, gate: Gate, name: str, feeds: list[dict[str, np.ndarray]]
+) -> list[Any]:
+    """One call per feeds, made while the worker is held so they queue; then released.
+
+    Results in call order; a failed call's exception takes its place.
+    """
+    gate.close()
+    tasks = [asyncio.create_task(eng.run(name, f)) for f in feeds]
+    await _let_calls_queue()
+    gate.open()
+    results: list[Any] = await asyncio.gather(*tasks, return_exceptions=True)
+    return results
+
+
 async def test_run_returns_the_models_outputs(engine: InferenceEngine) -> None:
     x = _x(3, 1)
     (y,) = await engine.run("tiny_linear", {"x": x})
@@ -132,12 +147,8 @@ async def test_batch_respects_max_batch_rows(tmp_path: Path, gate: Gate) -> None
     card = linear_card(tmp_path)
     async with InferenceEngine(_cfg(threads=1, max_batch=3), executor=gate.pool) as eng:
         await eng.load(card)
-        gate.close()
         inputs = [_x(2, seed) for seed in range(5)]
-        tasks = [asyncio.create_task(eng.run("tiny_linear", {"x": x})) for x in inputs]
-        await _let_calls_queue()
-        gate.open()
-        results = await asyncio.gather(*tasks)
+        results = await _run_queued(eng, gate, "tiny_linear", [{"x": x} for x in inputs])
     for x, (y,) in zip(inputs, results, strict=True):
         np.testing.assert_allclose(y, _expected(x), rtol=1e-5)
     stats = eng.stats()["models"]["tiny_linear"]
@@ -150,12 +161,8 @@ async def test_model_without_batch_dim_runs_each_call_alone(tmp_path: Path, gate
     card = linear_card(tmp_path, batch=1)
     async with InferenceEngine(_cfg(threads=1), executor=gate.pool) as eng:
         await eng.load(card)
-        gate.close()
         inputs = [_x(1, seed) for seed in range(4)]
-        tasks = [asyncio.create_task(eng.run("tiny_linear", {"x": x})) for x in inputs]
-        await _let_calls_queue()
-        gate.open()
-        results = await asyncio.gather(*tasks)
+        results = await _run_queued(eng, gate, "tiny_linear", [{"x": x} for x in inputs])
     for x, (y,) in zip(inputs, results, strict=True):
         np.testing.assert_allclose(y, _expected(x), rtol=1e-5)
     assert eng.stats()["models"]["tiny_linear"]["runs"] == 4
@@ -164,15 +171,9 @@ async def test_model_without_batch_dim_runs_each_call_alone(tmp_path: Path, gate
 async def test_one_bad_input_fails_only_its_own_call_in_a_batch(tmp_path: Path, gate: Gate) -> None:
     async with InferenceEngine(_cfg(threads=1), executor=gate.pool) as eng:
         await eng.load(gather_card(tmp_path))
-        gate.close()
         indices = [1, 2, 99, 3, 4]  # 99 is outside the table
-        tasks = [
-            asyncio.create_task(eng.run("tiny_gather", {"idx": np.array([[i]], np.int64)}))
-            for i in indices
-        ]
-        await _let_calls_queue()
-        gate.open()
-        results = await asyncio.gather(*tasks, return_exceptions=True)
+        feeds = [{"idx": np.array([[i]], np.int64)} for i in indices]
+        results = await _run_queued(eng, gate, "tiny_gather", feeds)
         table = gather_table()
         for index, result in zip(indices, results, strict=True):
             if index == 99:
@@ -451,11 +452,7 @@ async def test_shipped_int8_model_batches_like_single_runs(gate: Gate) -> None:
     windows = [rng.normal(size=(1, *spec.shape[1:])).astype(np.float32) for _ in range(12)]
     async with InferenceEngine(_cfg(threads=1), executor=gate.pool) as eng:
         await eng.load(card)
-        gate.close()
-        tasks = [asyncio.create_task(eng.run(single.model_id, {spec.name: w})) for w in windows]
-        await _let_calls_queue()
-        gate.open()
-        results = await asyncio.gather(*tasks)
+        results = await _run_queued(eng, gate, single.model_id, [{spec.name: w} for w in windows])
         assert eng.stats()["models"][single.model_id]["batch_size"]["max"] == 11
     for window, (batched,) in zip(windows, results, strict=True):
         (alone,) = single.run({spec.name: window})
