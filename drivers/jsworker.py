@@ -87,6 +87,11 @@ _CLOSE_GRACE_S: Final = 2.0
 # How long a worker whose pipe ended is given to finish dying before it is killed: its exit status
 # says how it died (OOM killer, crash), which goes into the error.
 _REAP_GRACE_S: Final = 1.0
+# A reply holds at most the decoder's output twice (a reported error repeats its errors), and
+# JSON escaping makes a character at most 6 bytes: beyond this a worker is not speaking the
+# protocol, and reading on would let it fill the parent's memory.
+_REPLY_FACTOR: Final = 16
+_REPLY_SLACK_BYTES: Final = 64 * 1024
 
 # Run by the child's interpreter. The import is guarded so that a child that cannot import the
 # worker (a missing quickjs, a broken install) says why over the pipe instead of only on stderr.
@@ -159,6 +164,7 @@ class JsWorker:
         self._max_output_bytes = max_output_bytes
         self._margin_ms = margin_ms
         self._start_timeout_s = start_timeout_s
+        self._reply_limit = _REPLY_FACTOR * max_output_bytes + _REPLY_SLACK_BYTES
         self._executable = executable if executable is not None else sys.executable
         self._lock = threading.Lock()
         self._worker: _Worker | None = None
@@ -310,7 +316,7 @@ class JsWorker:
     def _handshake(self, worker: _Worker) -> None:
         """Wait for the worker's hello, then load the file in it."""
         try:
-            hello = _receive(worker, self._start_timeout_s)
+            hello = _receive(worker, self._start_timeout_s, self._reply_limit)
         except _WorkerGoneError:
             status = self._discard(worker, grace_s=_REAP_GRACE_S)
             raise WorkerStartError(
@@ -358,7 +364,7 @@ class JsWorker:
         """Send one request and wait for its reply until the deadline."""
         try:
             _send(worker.conn, request)
-            reply = _receive(worker, self.deadline_ms / 1000)
+            reply = _receive(worker, self.deadline_ms / 1000, self._reply_limit)
         except _WorkerGoneError:
             status = self._discard(worker, grace_s=_REAP_GRACE_S)
             self._restart()
@@ -411,18 +417,22 @@ def _send(conn: Connection, message: Mapping[str, Any]) -> None:
         raise _WorkerGoneError from None
 
 
-def _receive(worker: _Worker, timeout_s: float) -> dict[str, Any] | None:
+def _receive(worker: _Worker, timeout_s: float, limit_bytes: int) -> dict[str, Any] | None:
     """The next message, ``None`` when none came within ``timeout_s``.
 
-    Raises _WorkerGoneError when the pipe ended, _MalformedReplyError when the message is not one
-    of the protocol's JSON objects: the parent trusts nothing from a process that ran vendor code.
+    Raises _WorkerGoneError when the pipe ended, _MalformedReplyError when the message is longer
+    than ``limit_bytes`` or not one of the protocol's JSON objects: the parent trusts nothing
+    from a process that ran vendor code.
     """
     try:
         if not worker.conn.poll(timeout_s):
             return None
-        raw = worker.conn.recv_bytes()
+        raw = worker.conn.recv_bytes(limit_bytes)
     except (EOFError, ConnectionResetError):
         raise _WorkerGoneError from None
+    except OSError as exc:
+        # recv_bytes refuses a longer message before reading it (the pipe is unusable after).
+        raise _MalformedReplyError(f"longer than {limit_bytes} bytes") from exc
     try:
         message = json.loads(raw)
     except ValueError as exc:

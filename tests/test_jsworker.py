@@ -369,6 +369,34 @@ def test_a_worker_that_cannot_import_says_why(tmp_path: Path, no_leftover_childr
     worker.close()
 
 
+def test_a_reply_too_long_for_the_protocol_is_refused_unread(
+    tmp_path: Path, no_leftover_children: None
+) -> None:
+    # A worker whose sandbox was broken could answer anything; a reply far beyond what a decode
+    # can produce must not be read into the parent's memory.
+    fake = tmp_path / "fake_worker.py"
+    fake.write_text(
+        "import json, os, sys\n"
+        "from multiprocessing.connection import Connection\n"
+        "conn = Connection(int(sys.argv[2]))\n"
+        "send = lambda m: conn.send_bytes(json.dumps(m).encode())\n"
+        "send({'ready': os.getpid()})\n"
+        "conn.recv_bytes()\n"
+        "send({'entry_point': 'decodeUplink'})\n"
+        "conn.recv_bytes()\n"
+        "send({'result': {'data': {'x': 'a' * 4_000_000}}})\n"
+        "conn.recv_bytes()\n"
+    )
+    wrapper = tmp_path / "python-fake-worker"
+    wrapper.write_text(f'#!/bin/sh\nexec {sys.executable} {fake} "$4" "$5"\n')
+    wrapper.chmod(0o755)
+    with JsWorker(CLIMATE, "c.js", executable=str(wrapper)) as worker:
+        with pytest.raises(CodecError) as caught:
+            worker.decode_uplink(1, b"")
+        assert "sent a malformed reply" in str(caught.value)
+        assert "longer than 1114112 bytes" in str(caught.value)
+
+
 def test_the_worker_imports_only_what_it_needs(no_leftover_children: None) -> None:
     # The parent (this test process) has numpy loaded; a worker that re-ran the parent's
     # imports (multiprocessing's spawn re-runs __main__) would map it too.
