@@ -47,6 +47,7 @@ from models.card import ModelCard, TensorSpec, dump_card, sha256_file
 from models.detection import DetectorSpec, Transform, decode, preprocess
 from models.pool.data import TRAINING_SET, default_data_dir, list_images, read_boxes
 from models.pool.metrics import ImageResult, average_precision, match, score_at
+from models.pool.torch_graph import GraphModule, write_back
 from models.quantize import quantize_model
 
 __all__ = ["main"]
@@ -209,7 +210,7 @@ def extract(
     """Run the neck over a split folder's images (and their mirror images)."""
     spec = _picodet_spec()
     items = list_images(folder)[:limit]
-    per_level: list[list[np.ndarray]] = [[] for _ in STRIDES]
+    per_level: list[list[np.ndarray]] = [[] for _ in session.get_outputs()]
     boxes, sizes, truths = [], [], []
     started = time.perf_counter()
     for n, item in enumerate(items):
@@ -245,12 +246,12 @@ def _save(features: FeatureSet, path: Path) -> None:
     np.savez(path, **arrays)  # type: ignore[arg-type]  # numpy's stub: kwargs as allow_pickle
 
 
-def _load(path: Path) -> FeatureSet:
+def _load(path: Path, levels: int = len(STRIDES)) -> FeatureSet:
     with np.load(path) as data:
         counts = data["counts"]
         bounds = np.cumsum(counts)[:-1]
         return FeatureSet(
-            [data[f"level{i}"] for i in range(len(STRIDES))],
+            [data[f"level{i}"] for i in range(levels)],
             list(np.split(data["boxes"], bounds)),
             [(int(w), int(h)) for w, h in data["sizes"]],
             list(np.split(data["truths"], bounds)),
@@ -404,7 +405,7 @@ def simota(
 
 
 def batch_loss(
-    head: Head,
+    head: nn.Module,
     feats: Sequence[torch.Tensor],
     truths: Sequence[torch.Tensor],
     centres: torch.Tensor,
@@ -457,7 +458,7 @@ def _batch(features: FeatureSet, idx: np.ndarray) -> tuple[list[torch.Tensor], l
     return feats, truths
 
 
-def head_outputs(head: Head, features: FeatureSet, batch: int = 32) -> list[list[np.ndarray]]:
+def head_outputs(head: nn.Module, features: FeatureSet, batch: int = 32) -> list[list[np.ndarray]]:
     """Per image the model's outputs as the ONNX model gives them (scores per stride, then
     distributions per stride), from the torch head."""
     counts = [(-(-SIZE // s)) ** 2 for s in STRIDES]
@@ -636,12 +637,23 @@ def train_head(
     picodet: Path, train: FeatureSet, valid: FeatureSet, *, epochs: int, batch: int, lr: float
 ) -> tuple[Head, int]:
     """Fine-tune PicoDet's head on the training features; the epoch with the best valid AP50."""
-    rng = np.random.default_rng(SEED)
     head = Head()
     init_from_picodet(head, onnx.load(str(picodet)).graph)
+    best_epoch = fit(head, train, valid, epochs=epochs, batch=batch, lr=lr)
+    return head, best_epoch
+
+
+def fit(
+    head: nn.Module, train: FeatureSet, valid: FeatureSet, *, epochs: int, batch: int, lr: float
+) -> int:
+    """Train ``head`` (features -> score logits, distributions); keep the best valid AP50.
+
+    Returns the chosen epoch (0: the starting weights were best).
+    """
+    rng = np.random.default_rng(SEED)
     centres, strides = _grid()
     start = average_precision(match_outputs(head_outputs(head, valid), valid.sizes, valid.truths))
-    _say(f"valid AP50 of PicoDet's own person head: {start:.4f}")
+    _say(f"valid AP50 before training: {start:.4f}")
     optimiser = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
     steps = epochs * (-(-len(train.boxes) // batch))
     schedule = torch.optim.lr_scheduler.OneCycleLR(
@@ -672,8 +684,91 @@ def train_head(
             best_state = {k: v.clone() for k, v in head.state_dict().items()}
     head.load_state_dict(best_state)
     _say(f"chosen epoch {best_epoch} (valid AP50 {best_ap:.4f})")
+    return best_epoch
 
-    return head, best_epoch
+
+# ---------------------------------------------------------------------------------------------
+# Stage 2: neck and head together, from the stage-1 model
+
+
+# ESNet's three stage outputs in PP-PicoDet-S 416 (strides 8, 16, 32; 96, 192, 384 channels):
+# everything after them (CSP-PAN neck and head) is fine-tuned in stage 2.
+BACKBONE_OUTPUTS = ("reshape2_3.tmp_0", "reshape2_15.tmp_0", "reshape2_19.tmp_0")
+
+
+def cut_model(model: onnx.ModelProto, outputs: Sequence[str]) -> bytes:
+    """The model with ``outputs`` as its only outputs (for feature extraction)."""
+    cut = onnx.ModelProto()
+    cut.CopyFrom(model)
+    del cut.graph.output[:]
+    for name in outputs:
+        cut.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    return bytes(cut.SerializeToString())
+
+
+class NeckHead(nn.Module):  # type: ignore[misc]
+    """The stage-1 model's neck and head run from the backbone outputs, conv weights trainable."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        super().__init__()
+        wanted = {h.split for h in head_nodes(model.graph)}
+        splits = [n for n in model.graph.node if n.op_type == "Split" and n.output[0] in wanted]
+        order = {h.split: i for i, h in enumerate(head_nodes(model.graph))}
+        splits.sort(key=lambda n: order[n.output[0]])
+        names = [name for node in splits for name in node.output[:2]]
+        self.graph = GraphModule(model, BACKBONE_OUTPUTS, names)
+
+    def forward(self, feats: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        outs = self.graph(feats)
+        b = feats[0].shape[0]
+        logits = torch.cat([outs[2 * i].reshape(b, -1) for i in range(len(STRIDES))], 1)
+        dists = torch.cat(
+            [outs[2 * i + 1].reshape(b, 4 * BINS, -1).transpose(1, 2) for i in range(len(STRIDES))],
+            1,
+        )
+        return logits, dists
+
+
+def stage2(args: argparse.Namespace, root: Path, start: Path) -> int:
+    """Fine-tune neck and head of the stage-1 model ``start``; export, quantise, cards."""
+    model = onnx.load(str(start))
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    session = ort.InferenceSession(
+        cut_model(model, BACKBONE_OUTPUTS), options, providers=["CPUExecutionProvider"]
+    )
+    sets = {}
+    for split, flips in (("train", True), ("valid", False)):
+        cached = args.cache / f"{split}_backbone{args.limit or ''}.npz"
+        if cached.is_file():
+            sets[split] = _load(cached, len(BACKBONE_OUTPUTS))
+        else:
+            sets[split] = extract(session, root / split, flips=flips, limit=args.limit)
+            _save(sets[split], cached)
+        _say(f"{split}: {len(sets[split].boxes)} backbone feature sets")
+    neck_head = NeckHead(model)
+    best_epoch = fit(
+        neck_head, sets["train"], sets["valid"], epochs=args.epochs, batch=args.batch, lr=args.lr
+    )
+    write_back(neck_head.graph, model.graph)
+    args.out.mkdir(parents=True, exist_ok=True)
+    fp32 = args.out / "person_detector.fp32.onnx"
+    onnx.checker.check_model(model)
+    onnx.save(model, str(fp32))
+    valid_images = [item.image for item in list_images(root / "valid")][: args.limit]
+    torch_out = head_outputs(neck_head, sets["valid"])[:4]
+    onnx_out = onnx_outputs(fp32, valid_images[:4])
+    diff = max(
+        float(np.abs(a - b).max())
+        for o, t in zip(onnx_out, torch_out, strict=True)
+        for a, b in zip(o, t, strict=True)
+    )
+    _say(f"export check: max |onnx - torch| {diff:.2e}")
+    if diff > 1e-2:
+        sys.stderr.write("the exported model does not reproduce the trained neck and head\n")
+        return 1
+    return finish(root, fp32, args.out, best_epoch=best_epoch, epochs=args.epochs, limit=args.limit)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -694,6 +789,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="skip training: quantise this exported fp32 model and write the cards",
     )
     parser.add_argument("--best-epoch", type=int, default=0, help="with --finish: for the card")
+    parser.add_argument(
+        "--stage2",
+        type=Path,
+        default=None,
+        help="fine-tune neck and head of this stage-1 fp32 model (then quantise, cards)",
+    )
     args = parser.parse_args(argv)
     torch.manual_seed(SEED)
     torch.set_num_threads(1)
@@ -712,6 +813,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             limit=args.limit,
         )
     args.cache.mkdir(parents=True, exist_ok=True)
+    if args.stage2 is not None:
+        return stage2(args, root, args.stage2)
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.log_severity_level = 3
