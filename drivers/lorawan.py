@@ -49,6 +49,7 @@ _RECENT_FRAMES = 16
 
 Codec = Callable[[int, bytes], dict[str, Any]]
 
+_DEV_EUI = re.compile(r"[0-9A-Fa-f]{16}")
 _LEADING_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 
 
@@ -67,6 +68,10 @@ def parse_topic(topic: str) -> tuple[str, str, str]:
     parts = topic.split("/")
     if len(parts) != 6 or parts[0] != "application" or parts[2] != "device" or parts[4] != "event":
         raise CodecError(f"not a ChirpStack event topic: {topic[:120]!r}")
+    # ChirpStack writes the EUI-64 as 16 hex digits. Anything else is not a device: tracked, it
+    # would take a place in the link state and the stats message for every new string.
+    if not _DEV_EUI.fullmatch(parts[3]):
+        raise CodecError(f"not a devEUI (16 hex digits) in topic {topic[:120]!r}")
     return parts[1], parts[3].lower(), parts[5]
 
 

@@ -34,8 +34,12 @@ def _uplink() -> integration.UplinkEvent:
 
 def test_parse_topic() -> None:
     assert parse_topic(TOPIC) == ("app-1", EUI, "up")
+    assert parse_topic(TOPIC.replace(EUI, EUI.upper())) == ("app-1", EUI, "up")
     with pytest.raises(CodecError):
         parse_topic("application/app-1/device/x/up")
+    for not_an_eui in ("x", "a84041000181c06", "a84041000181c0612", "a84041000181c06g"):
+        with pytest.raises(CodecError, match="not a devEUI"):
+            parse_topic(f"application/app-1/device/{not_an_eui}/event/up")
 
 
 @pytest.mark.parametrize("marshaler", ["auto", "json", "protobuf"])
