@@ -150,6 +150,12 @@ class DownlinkBudget:
         self.used = {k: v for k, v in self.used.items() if k[1] == day}
         self.used[key] = self.used.get(key, 0) + 1
 
+    def give_back(self, dev_eui: str, day: str) -> None:
+        """Undo a :meth:`take` whose downlink never reached the broker."""
+        key = (dev_eui, day)
+        if self.used.get(key, 0) > 0:
+            self.used[key] -= 1
+
 
 class _SessionLostError(Exception):
     """The broker connection failed or dropped; retried with backoff."""
@@ -327,7 +333,8 @@ class ChirpStackSource:
         client = self._client
         if client is None:
             raise DownlinkRejectedError("not connected to the ChirpStack broker")
-        self._budget.take(dev_eui, datetime.fromtimestamp(self._clock(), UTC).date().isoformat())
+        day = datetime.fromtimestamp(self._clock(), UTC).date().isoformat()
+        self._budget.take(dev_eui, day)
         downlink_id = str(uuid.uuid4())
         command = integration.DownlinkCommand(
             id=downlink_id, dev_eui=dev_eui, confirmed=confirmed, f_port=f_port, data=payload
@@ -338,6 +345,8 @@ class ChirpStackSource:
             body = json_format.MessageToJson(command, indent=None).encode()
             await client.publish(topic, body, qos=1, timeout_s=10)
         except MqttIntakeError as exc:
+            # Not queued, so not on air: it must not count against the device's daily cap.
+            self._budget.give_back(dev_eui, day)
             raise DownlinkRejectedError(f"broker did not take the downlink: {exc}") from exc
         self._count("downlinks_queued")
         log.info("downlink_queued", device=dev_eui, f_port=f_port, id=downlink_id, n=len(payload))

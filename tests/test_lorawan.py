@@ -11,6 +11,12 @@ from google.protobuf import json_format
 from hypothesis import given
 from hypothesis import strategies as st
 
+from drivers.chirpstack import (
+    BrokerSettings,
+    Catalog,
+    ChirpStackSource,
+    DownlinkRejectedError,
+)
 from drivers.lorawan import (
     FieldMap,
     LinkTracker,
@@ -19,6 +25,7 @@ from drivers.lorawan import (
     parse_message,
     parse_topic,
 )
+from drivers.mqtt_intake import MqttIntakeError
 from gateway.errors import CodecError
 
 EUI = "a84041000181c061"
@@ -191,3 +198,32 @@ def test_profile_output_no_event_can_carry_is_a_codec_error(value: object) -> No
 
 def test_water_level_unbounded_range() -> None:
     assert WaterLevel("d").sensor_max_cm == math.inf
+
+
+async def test_a_downlink_the_broker_refuses_does_not_count_against_the_cap() -> None:
+    class RefusingBroker:
+        """The intake's publish as the outermost edge: the broker refuses (MQTT 5 PUBACK)."""
+
+        async def publish(self, topic: str, payload: bytes, **_kwargs: object) -> None:
+            raise MqttIntakeError(f"publish to {topic} refused: reason code 0x87")
+
+    source = ChirpStackSource(
+        "cs", BrokerSettings("127.0.0.1", 1, "c"), Catalog([]), downlink_daily_cap=1
+    )
+    source.tracker.device(EUI).application_id = "app-1"
+    source._client = RefusingBroker()  # type: ignore[assignment]
+    for _ in range(3):
+        with pytest.raises(DownlinkRejectedError, match="broker did not take the downlink"):
+            await source.send_downlink(EUI, 1, b"\x01")
+    # Nothing went on air: the one downlink of the day is still available, and then used up.
+    taken: list[str] = []
+
+    class TakingBroker:
+        async def publish(self, topic: str, payload: bytes, **_kwargs: object) -> None:
+            taken.append(topic)
+
+    source._client = TakingBroker()  # type: ignore[assignment]
+    await source.send_downlink(EUI, 1, b"\x01")
+    assert taken == [f"application/app-1/device/{EUI}/command/down"]
+    with pytest.raises(DownlinkRejectedError, match="reached its cap of 1"):
+        await source.send_downlink(EUI, 1, b"\x01")
