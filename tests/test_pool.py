@@ -245,3 +245,28 @@ def test_swimming_into_an_off_zone_is_not_a_disappearance() -> None:
     # Swims right into the zone (x from 100 to 300) and stays there.
     positions = [(100 + 10 * i, 200) for i in range(21)] + [(300, 200)] * 100
     assert kinds(run(pool, positions)) == []
+
+
+def test_a_duplicate_box_does_not_leave_a_ghost_that_looks_gone_under() -> None:
+    pool = analyzer()
+    out = []
+    for i in range(100):
+        t = i / 4
+        x = 100 + 6 * i
+        dets = [person(x, 200)] if x < 640 else []  # leaves over the right edge
+        if i == 6:  # the detector gives the swimmer a second, shifted box for one frame
+            dets.append(Det((x - 20, 185, x + 42, 215)))
+        out += pool.step(t, dets, W, H)
+    assert out == []
+
+
+def test_the_heir_of_a_merged_track_keeps_the_old_id() -> None:
+    tracker = Tracker(TrackerParams())
+    for i in range(4):
+        tracker.update(i / 4, [((100 + 5 * i, 100, 160 + 5 * i, 130), 0.9)])
+    assert list(tracker.tracks) == [1]
+    # Two boxes for one frame, then only the second one.
+    tracker.update(1.0, [((120, 100, 180, 130), 0.9), ((130, 98, 195, 132), 0.8)])
+    tracker.update(1.25, [((135, 98, 200, 132), 0.8)])
+    tracker.update(1.5, [((140, 98, 205, 132), 0.8)])
+    assert [(t.track_id, t.lost) for t in tracker.tracks.values()] == [(1, False)]

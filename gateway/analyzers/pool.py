@@ -215,6 +215,8 @@ class TrackerParams:
     max_gate: float = 2.0
     # How much of a track's path is kept for the stillness test (longer than any T2).
     trail_s: float = 40.0
+    # A track lost within a person's size of a track born this recently is that track.
+    merge_window_s: float = 1.0
 
 
 @dataclass(slots=True)
@@ -287,9 +289,40 @@ class Tracker:
                 if track.hits < p.min_hits:
                     # A tentative track not seen again was noise.
                     del self.tracks[track.track_id]
-                else:
+                elif not track.lost:
                     track.lost = True
+                    self._merge_into_young(track, touched, now_s)
         return touched
+
+    def _merge_into_young(self, lost: Track, touched: list[Track], now_s: float) -> None:
+        """A track lost right where a track began moments ago is the same person.
+
+        The detector gave one person two boxes for a frame (or its box jumped farther than the
+        gate): the young track took the person over and the old one would look like someone who
+        went under. The young track gets the old id (stable ids) and the old one is dropped.
+        Only for a track that raised nothing yet: a candidate or alarm stays with its track.
+        """
+        p = self.params
+        if lost.state != "tracking":
+            return
+        lx, ly = box_center(lost.box)
+        limit = p.center_gate * box_size(lost.box)
+        young = [
+            t
+            for t in touched
+            if t is not lost
+            and now_s - t.first_s <= p.merge_window_s
+            and math.hypot(t.center[0] - lx, t.center[1] - ly) <= limit
+        ]
+        if not young:
+            return
+        heir = min(young, key=lambda t: math.hypot(t.center[0] - lx, t.center[1] - ly))
+        del self.tracks[lost.track_id]
+        del self.tracks[heir.track_id]
+        heir.track_id = lost.track_id
+        heir.first_s = lost.first_s
+        heir.hits += lost.hits
+        self.tracks[heir.track_id] = heir
 
     def forget(self, track_id: int) -> None:
         self.tracks.pop(track_id, None)
