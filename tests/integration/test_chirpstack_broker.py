@@ -109,12 +109,17 @@ async def running(cfg: dict[str, Any]) -> AsyncIterator[Gateway]:
 
 
 async def wait_subscribed(gateway: Gateway) -> None:
+    """Until the ChirpStack source is subscribed and the uplink listens for commands."""
     # Sources start right after the gateway task does; give it the moment to build them.
     async with asyncio.timeout(15):
         while not gateway_has_source(gateway):  # noqa: ASYNC110 -- polls until the source exists
             await asyncio.sleep(0.01)
         connected: asyncio.Event = gateway.source("chirpstack").connected  # type: ignore[attr-defined]
         await connected.wait()
+        # The uplink counts its connection once it subscribed to commands: a command published
+        # (at QoS 0) before that is lost, as the downlink test saw about one run in three.
+        while gateway.metrics.counters["uplink_connects"] < 1:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
 
 
 def gateway_has_source(gateway: Gateway) -> bool:
