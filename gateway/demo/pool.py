@@ -14,10 +14,13 @@ from __future__ import annotations
 from importlib import resources
 from typing import Any
 
+from models.pool import DEFAULT_DETECTOR_CARD
+
 CLIP = "pool-demo.mp4"
 # The water of the drawn pool: the picture less the deck along the top and a 16 px margin.
 WATER_AREA = [[16.0, 16.0], [304.0, 16.0], [304.0, 224.0], [16.0, 224.0]]
-DETECTOR_CARD = "generic/fastestdet/fastestdet.toml"
+# The pool person detector the default configuration selects (models/pool/README.md).
+DETECTOR_CARD = str(DEFAULT_DETECTOR_CARD)
 
 
 def config() -> dict[str, Any]:
