@@ -51,12 +51,14 @@ from gateway.outbox import Outbox
 from gateway.pipeline import OnStored, Pipeline
 from gateway.types import Emit, Event, Measurement, Reading, ReportError
 from gateway.uplink import FileUplink, MqttUplink, Uplink
+from gateway.waste_config import ImageInboxSourceConfig
 from gateway.wire import Encoding
 
 if TYPE_CHECKING:
     from gateway.analyzers.pool_runtime import PoolMonitor
     from gateway.analyzers.runtime import Analyzers
     from gateway.inference import InferenceEngine
+    from gateway.waste import WasteInboxSource
 
 log = structlog.get_logger(__name__)
 
@@ -224,6 +226,8 @@ def build_source(
         return Source(cfg.name, source)
     if isinstance(cfg, ReplaySourceConfig):
         return Source(cfg.name, ReplaySource(cfg.name, cfg.file, cfg.interval_s, loop=cfg.loop))
+    if isinstance(cfg, ImageInboxSourceConfig):
+        raise TypeError("image_inbox sources need the classifier: Gateway builds them")
     return build_serial_source(cfg)
 
 
@@ -336,6 +340,7 @@ class Gateway:
         self._rates = RateMeter(self._metrics, ("events_in", "events_out"))
         self._sources: list[Source] = []
         self._engine: InferenceEngine | None = None
+        self._inboxes: list[WasteInboxSource] = []
         self._pools: list[PoolMonitor] = []
 
     @property
@@ -407,8 +412,11 @@ class Gateway:
             # Entered last on the stack: the JavaScript workers stop before the engine and outbox.
             catalog = build_catalog(cfg, stack)
             sources = [
-                build_source(s, self._gateway_id, catalog, self._environ) for s in cfg.sources
+                build_source(s, self._gateway_id, catalog, self._environ)
+                for s in cfg.sources
+                if not isinstance(s, ImageInboxSourceConfig)
             ]
+            sources += await self._build_waste(stack, engine)
             self._sources = sources
             senders = [s.impl for s in sources if isinstance(s.impl, ChirpStackSource)]
             commands.register("downlink", downlink_command(senders))
@@ -482,6 +490,42 @@ class Gateway:
             commands.register(name, handler)
         return [Source(f"pool:{name}", monitor) for name, monitor in monitors.items()]
 
+    async def _build_waste(
+        self, stack: contextlib.AsyncExitStack, engine: InferenceEngine | None
+    ) -> list[Source]:
+        """Image inbox sources with the waste classifier ([waste]), verified before they start.
+
+        A classifier that fails verification is logged and listed as unavailable; the inboxes
+        still run and answer every photo with that reason (nothing is guessed without it).
+        """
+        inboxes = [s for s in self._cfg.sources if isinstance(s, ImageInboxSourceConfig)]
+        if not inboxes:
+            return []
+        from gateway.errors import ModelError  # noqa: PLC0415
+        from gateway.inference import InferenceEngine  # noqa: PLC0415
+        from gateway.waste import WasteInboxSource, WasteService, waste_setup  # noqa: PLC0415
+
+        if engine is None:
+            # Only image inboxes need a model: the engine starts here (closed by the stack).
+            engine = await stack.enter_async_context(InferenceEngine(self._cfg.inference))
+            self._engine = engine
+        service: WasteService | None = None
+        reason = ""
+        try:
+            setup = waste_setup(self._cfg)
+            if not engine.available(setup.model_name):
+                await engine.load(setup.card_path)
+            service = WasteService(setup)
+        except ModelError as exc:
+            reason = f"the waste classifier is unavailable: {exc}"
+            log.error(
+                "model_unavailable", model="waste", card=str(self._cfg.waste.card), reason=str(exc)
+            )
+        self._inboxes = [
+            WasteInboxSource(inbox, self._gateway_id, service, engine, reason) for inbox in inboxes
+        ]
+        return [Source(inbox.name, inbox) for inbox in self._inboxes]
+
     def _build_uplink(self, outbox: Outbox, commands: Commands) -> Uplink:
         cfg = self._cfg.uplink
         if isinstance(cfg, MqttUplinkConfig):
@@ -554,6 +598,10 @@ class Gateway:
                     serial_summary(s.impl)
                     for s in self._sources
                     if isinstance(s.impl, SerialSource)
+                ],
+                # Photos taken, refused (each with a reason event) and deleted, per image inbox.
+                "image_inboxes": [
+                    {"source": inbox.name, **inbox.inbox.counters} for inbox in self._inboxes
                 ],
             }
 

@@ -131,19 +131,36 @@ def cmd_print_config(args: argparse.Namespace) -> int:
 
 
 def demo_config(
-    state_dir: Path, interval_s: float, serial_port: Path | None = None
+    state_dir: Path,
+    interval_s: float,
+    serial_port: Path | None = None,
+    waste_inbox: Path | None = None,
 ) -> GatewayConfig:
     """The embedded default: bundled recordings → pipeline → outbox → stdout.
 
     A river gauge's readings replayed as they are, a ChirpStack capture (a radar gauge and a
-    climate sensor) decoded by the built-in codecs through the device catalog, and, with
-    ``serial_port``, a weather station on a serial port (see gateway.demo.weather_station).
+    climate sensor) decoded by the built-in codecs through the device catalog, with
+    ``serial_port`` a weather station on a serial port (see gateway.demo.weather_station), and
+    with ``waste_inbox`` the photos in that directory classified for a citizen service.
     """
     capture = resources.files("gateway.demo").joinpath("chirpstack-demo.jsonl")
     serial = (
         []
         if serial_port is None
         else [weather_station.source_config(serial_port, len(weather_station.station_lines()))]
+    )
+    waste = (
+        []
+        if waste_inbox is None
+        else [
+            {
+                "type": "image_inbox",
+                "name": "waste-kiosk",
+                "directory": str(waste_inbox),
+                "settle_s": 0.0,
+                "once": True,
+            }
+        ]
     )
     return config_from_dict(
         {
@@ -160,6 +177,7 @@ def demo_config(
                     "replay_interval_s": interval_s,
                 },
                 *serial,
+                *waste,
             ],
             "profiles": {
                 "radar-gauge": {
@@ -227,7 +245,9 @@ async def _weather_station(
         gateway.request_stop()
 
 
-async def _demo_with_station(tmp: Path, state_dir: Path, interval_s: float) -> int:
+async def _demo_with_station(
+    tmp: Path, state_dir: Path, interval_s: float, waste_inbox: Path
+) -> int:
     """The demo with the simulated weather station on a socat pty pair."""
     async with contextlib.AsyncExitStack() as stack:
         try:
@@ -240,9 +260,13 @@ async def _demo_with_station(tmp: Path, state_dir: Path, interval_s: float) -> i
                 "skipping it",
                 file=sys.stderr,
             )
-            plain = Gateway(demo_config(state_dir, interval_s), dict(os.environ))
+            plain = Gateway(
+                demo_config(state_dir, interval_s, waste_inbox=waste_inbox), dict(os.environ)
+            )
             return await plain.run(stop_when_sources_done=True)
-        gateway = Gateway(demo_config(state_dir, interval_s, gateway_side), dict(os.environ))
+        gateway = Gateway(
+            demo_config(state_dir, interval_s, gateway_side, waste_inbox), dict(os.environ)
+        )
         async with asyncio.TaskGroup() as tg:
             run = tg.create_task(gateway.run(stop_when_sources_done=True), name="gateway")
             tg.create_task(
@@ -256,9 +280,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     configure_logging("warning", "console", sys.stderr)
     with tempfile.TemporaryDirectory(prefix="edge-gateway-demo-") as tmp:
         state_dir = args.state_dir or Path(tmp)
+        waste_inbox = _waste_demo_inbox(Path(tmp))
         print(
             "edge-gateway demo: replaying a real river flood (Le Gard at Anduze, Sept 2020) "
-            "through pipeline -> durable outbox -> uplink (stdout):",
+            "through pipeline -> durable outbox -> uplink (stdout), and classifying six waste "
+            "photos dropped into a kiosk's inbox (on-device AI; the photos never leave):",
             file=sys.stderr,
         )
         if not weather_station.socat_available():
@@ -267,12 +293,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 "(apt-get install socat)",
                 file=sys.stderr,
             )
-            code = _run_gateway(demo_config(state_dir, args.interval), stop_when_sources_done=True)
+            code = _run_gateway(
+                demo_config(state_dir, args.interval, waste_inbox=waste_inbox),
+                stop_when_sources_done=True,
+            )
         else:
-            code = _guarded(lambda: _demo_with_station(Path(tmp), state_dir, args.interval))
+            code = _guarded(
+                lambda: _demo_with_station(Path(tmp), state_dir, args.interval, waste_inbox)
+            )
         kept = f"; outbox kept in {state_dir}" if args.state_dir else ""
         print(f"edge-gateway demo: done (exit {code}){kept}", file=sys.stderr)
         return code
+
+
+def _waste_demo_inbox(tmp: Path) -> Path:
+    """A kiosk's inbox holding copies of the bundled TrashNet training photos (see
+    gateway/demo/waste/PROVENANCE.md); the gateway deletes each once classified."""
+    inbox = tmp / "waste-inbox"
+    inbox.mkdir()
+    photos = resources.files("gateway.demo").joinpath("waste")
+    for photo in sorted(photos.iterdir(), key=lambda p: p.name):
+        if photo.name.endswith(".jpg"):
+            (inbox / photo.name).write_bytes(photo.read_bytes())
+    return inbox
 
 
 def cmd_version(_args: argparse.Namespace) -> int:
@@ -298,6 +341,11 @@ _HEAVY_COMMANDS = {
         "gateway.vision_cli",
         "add_vision_parser",
         "pool person detector on image files: vision detect IMAGE... (JSON lines)",
+    ),
+    "waste": (
+        "gateway.waste_cli",
+        "add_waste_parser",
+        "waste photo recognition: classify IMAGE... (JSON lines)",
     ),
 }
 

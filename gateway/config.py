@@ -36,6 +36,7 @@ from pydantic_settings import (
 from gateway.analyzers.config import AnalyzerConfig
 from gateway.analyzers.pool_config import PoolConfig
 from gateway.errors import ConfigError, GatewayError
+from gateway.waste_config import ImageInboxSourceConfig, WasteSection
 from gateway.wire import Encoding
 
 DEFAULT_CONFIG_PATH = Path("/etc/edge-gateway/gateway.toml")
@@ -575,7 +576,8 @@ SourceConfig = Annotated[
     | ChirpStackSourceConfig
     | SerialAsciiSourceConfig
     | ModbusRtuSourceConfig
-    | Sdi12SourceConfig,
+    | Sdi12SourceConfig
+    | ImageInboxSourceConfig,
     Field(discriminator="type"),
 ]
 
@@ -668,6 +670,7 @@ class GatewayConfig(BaseSettings):
     profiles: dict[str, ProfileConfig] = Field(default_factory=dict)
     devices: list[DeviceConfig] = Field(default_factory=list)
     analyzers: dict[str, AnalyzerConfig] = Field(default_factory=dict)
+    waste: WasteSection = WasteSection()
     pools: dict[str, PoolConfig] = Field(
         default_factory=dict,
         description="Pool-safety cameras by name (lower_snake_case, used in events and alarm ids).",
@@ -764,7 +767,9 @@ def _format_value(value: Any) -> str:
 # user never wrote that level. The tags, by the location shape that precedes them ("[]": an index).
 _TAGS_AFTER: dict[tuple[str, ...], frozenset[str]] = {
     ("uplink",): frozenset({"mqtt", "file"}),
-    ("sources", "[]"): frozenset({"replay", "chirpstack", "serial_ascii", "modbus_rtu", "sdi12"}),
+    ("sources", "[]"): frozenset(
+        {"replay", "chirpstack", "serial_ascii", "modbus_rtu", "sdi12", "image_inbox"}
+    ),
 }
 
 

@@ -124,7 +124,7 @@ def _render_model(
 def render_config(cfg: GatewayConfig) -> str:
     """The given config as commented TOML (secrets masked)."""
     lines: list[str] = [HEADER]
-    for name in ("gateway", "pipeline", "outbox", "inference"):
+    for name in ("gateway", "pipeline", "outbox", "inference", "waste"):
         _render_model(getattr(cfg, name), name, lines)
         lines.append("")
     _render_model(cfg.uplink, "uplink", lines)

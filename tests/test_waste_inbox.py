@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 
 from drivers.inbox import BrokerInbox, ImageInbox, InboxImage
+from gateway.config import config_from_dict
+from gateway.errors import ConfigError
 from tests.support.mosquitto import Mosquitto, Recorder
 
 
@@ -121,3 +123,21 @@ async def test_images_over_the_local_broker_get_their_answer_on_the_result_topic
         ("mqtt", "waste/image/req-1", photo)
     ]
     assert sink.rejected[0][:2] == ("mqtt", "waste/image/req-2")
+
+
+def test_inbox_config_needs_an_input_and_once_only_for_a_directory() -> None:
+    base = {"gateway": {"id": "t"}}
+    with pytest.raises(ConfigError) as missing:
+        config_from_dict({**base, "sources": [{"type": "image_inbox"}]}, "test.toml")
+    assert "sources[0]: needs a directory, a topic, or both" in str(missing.value.problems)
+    with pytest.raises(ConfigError) as once:
+        config_from_dict(
+            {**base, "sources": [{"type": "image_inbox", "topic": "a/+", "once": True}]},
+            "test.toml",
+        )
+    assert "not with a topic" in str(once.value.problems)
+    cfg = config_from_dict(
+        {**base, "sources": [{"type": "image_inbox", "directory": "/tmp/in", "topic": "a/+"}]},
+        "test.toml",
+    )
+    assert cfg.sources[0].type == "image_inbox"

@@ -55,16 +55,35 @@ def evaluate_classifier(run: Runner, card: ModelCard, data_dir: Path) -> Evaluat
     """Score a waste classifier on the sample; EvaluationUnavailableError without it."""
     _files, x, y = load_sample(data_dir)
     name = card.inputs[0].name
-    logits = np.concatenate([np.asarray(run({name: x[i : i + 8]})[0]) for i in range(0, len(x), 8)])
+
+    def logits_of(inputs: np.ndarray) -> np.ndarray:
+        return np.concatenate(
+            [np.asarray(run({name: inputs[i : i + 8]})[0]) for i in range(0, len(inputs), 8)]
+        )
+
+    single = logits_of(x)
+    logits = single
+    if card.params.get("tta", "none") == "hflip":
+        # As the service runs it: the mean of the photo's and its mirror image's logits.
+        logits = (single + logits_of(np.ascontiguousarray(x[..., ::-1]))) / 2
     temperature = float(card.params.get("temperature", 1.0))  # type: ignore[arg-type]
     order = np.argsort(-logits, axis=1)
     metrics: dict[str, float] = {
         "top1": float((order[:, 0] == y).mean()),
         "top3": float((order[:, :3] == y[:, None]).any(axis=1).mean()),
+        "top1_single_view": float((single.argmax(axis=1) == y).mean()),
         "ece_raw": expected_calibration_error(softmax(logits), y),
         "ece_calibrated": expected_calibration_error(softmax(logits, temperature), y),
         "mean_top1_probability": float(softmax(logits, temperature).max(axis=1).mean()),
     }
+    # What the citizen sees: below the card's threshold the result is "uncertain" (another
+    # photo is asked for), so how often that happens and how right the confident answers are.
+    threshold = float(card.thresholds.get("uncertain_below", 0.5))
+    confident = softmax(logits, temperature).max(axis=1) >= threshold
+    metrics["uncertain_share"] = float(1.0 - confident.mean())
+    metrics["top1_when_confident"] = (
+        float((order[confident, 0] == y[confident]).mean()) if confident.any() else 0.0
+    )
     matrix = confusion_matrix(order[:, 0], y)
     for i, label in enumerate(LABELS):
         for j, other in enumerate(LABELS):
@@ -83,6 +102,8 @@ def _print(card_path: Path, evaluation: Evaluation) -> None:
     lines = [
         f"{card_path}: top-1 {m['top1']:.4f}  top-3 {m['top3']:.4f}  ECE raw {m['ece_raw']:.4f}"
         f"  calibrated {m['ece_calibrated']:.4f}  ({evaluation.samples} images)",
+        f"uncertain: {m['uncertain_share']:.3f} of images; top-1 of the others "
+        f"{m['top1_when_confident']:.4f}",
         "confusion (rows true, columns predicted): " + " ".join(f"{lb[:5]:>5}" for lb in LABELS),
     ]
     for label in LABELS:

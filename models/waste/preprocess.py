@@ -24,6 +24,7 @@ __all__ = [
     "preprocess",
     "softmax",
     "top_k",
+    "views",
 ]
 
 LABELS: tuple[str, ...] = ("cardboard", "glass", "metal", "paper", "plastic", "trash")
@@ -89,6 +90,19 @@ def preprocess(rgb: np.ndarray) -> np.ndarray:
     small = cv2.resize(rgb, (IMAGE_SIZE, IMAGE_SIZE), interpolation=interp)
     x = (small.astype(np.float32) / 255.0 - _MEAN) / _STD
     return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
+
+
+def views(x: np.ndarray, tta: str) -> np.ndarray:
+    """The model inputs for one image: itself, and with ``tta = "hflip"`` its mirror image too.
+
+    The logits of the views are averaged (``logits.mean(axis=0)``): a mirrored photo shows the
+    same item, and averaging the two answers steadies the top-1 where the model hesitates.
+    """
+    if tta == "none":
+        return x
+    if tta == "hflip":
+        return np.concatenate([x, x[..., ::-1]])
+    raise ValueError(f"tta must be none or hflip (got: {tta!r})")
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
