@@ -53,7 +53,7 @@ from models.quantize import quantize_model
 __all__ = ["main"]
 
 NAME = "pool_person_detector"
-VERSION = "1.0.0"
+VERSION = "1.1.0"
 SIZE = 416
 STRIDES = (8, 16, 32, 64)
 REG_MAX = 7
@@ -623,8 +623,9 @@ def _card(
         ),
         quantization=quantization,
         description=(
-            "One-class person-in-water detector: PP-PicoDet-S 416 backbone and neck (COCO, "
-            "frozen) with its GFL head fine-tuned on swimmers (models/pool/train.py). Outputs per "
+            "One-class person-in-water detector: PP-PicoDet-S 416 (COCO) with its GFL head "
+            "(stage 1) and then neck and head (stage 2) fine-tuned on swimmers, backbone frozen "
+            "(models/pool/train.py). Outputs per "
             "stride 8/16/32/64: person score (sigmoid) and 4 x 8 box-side distributions. int8: "
             "the head is int8 (static QDQ); backbone and neck stay fp32, which per-tensor int8 "
             "cannot represent (models/pool/README.md)."
