@@ -154,3 +154,18 @@ def test_the_installed_command_runs_lazily_registered(tmp_path: Path) -> None:
         "image": str(bad),
         "error": f"{bad}: not a decodable image (JPEG, PNG, BMP, TIFF, WebP, ...)",
     }
+
+
+def test_without_a_card_the_shipped_pool_detector_finds_the_swimmers(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    images = [str(p) for p in SWIMMERS]
+    assert len(images) == 3
+    assert main(["detect", "--threads", "1", *images]) == 0
+    lines = _lines(capsys)
+    assert [line["image"] for line in lines] == images
+    for line in lines:
+        assert (line["width"], line["height"]) == (416, 234)
+        detections = line["detections"]
+        assert isinstance(detections, list) and detections
+        assert {d["label"] for d in detections} == {"person"}
