@@ -20,6 +20,7 @@ import tempfile
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import aiomqtt
 import cv2
@@ -126,6 +127,13 @@ async def test_no_image_data_upstream_locally_in_the_outbox_in_logs_or_in_files(
                         if m.topic == f"{BASE}/event/{kind}"
                     ]
 
+                def stats() -> list[dict[str, Any]]:
+                    return [
+                        json.loads(m.payload)
+                        for m in upstream.messages
+                        if m.topic == f"{BASE}/state/stats"
+                    ]
+
                 def local_alarms() -> list[dict[str, object]]:
                     return [
                         json.loads(m.payload)
@@ -172,6 +180,13 @@ async def test_no_image_data_upstream_locally_in_the_outbox_in_logs_or_in_files(
                 await on_site.wait_for(
                     lambda _m: any(a.get("state") == "clear" for a in local_alarms()), timeout=20
                 )
+                # The detection-off zone is listed in the status (the stats message).
+                async with aiomqtt.Client(mosquitto.host, mosquitto.port) as client:
+                    await client.publish(f"{BASE}/command/stats", b"", qos=1)
+                await upstream.wait_for(
+                    lambda _m: any(s["pools"][0]["off_zones"] for s in stats() if s.get("pools")),
+                    timeout=20,
+                )
                 gateway.request_stop()
                 async with asyncio.timeout(20):
                     assert await run == 0
@@ -185,6 +200,13 @@ async def test_no_image_data_upstream_locally_in_the_outbox_in_logs_or_in_files(
     acknowledged = [e for e in logs if e["event"] == "pool_alarm_acknowledged"]
     assert acknowledged[0]["operator"] == "lifeguard-4"
     assert any(e["event"] == "pool_false_alarm" and e["note"] == "drill" for e in logs)
+
+    listed = next(s["pools"][0] for s in reversed(stats()) if s.get("pools"))
+    assert listed["pool"] == "main"
+    assert listed["off_zones"][0]["zone"] == "lesson"
+    assert 0 < listed["off_zones"][0]["remaining_s"] <= 600
+    assert listed["off_zones"][0]["operator"] == "lifeguard-4"
+    assert listed["model"] == "pool_person_detector"
 
     # Nothing upstream or on site carries image data, and every message is small.
     messages = upstream.messages + on_site.messages
