@@ -270,3 +270,16 @@ def test_the_heir_of_a_merged_track_keeps_the_old_id() -> None:
     tracker.update(1.25, [((135, 98, 200, 132), 0.8)])
     tracker.update(1.5, [((140, 98, 205, 132), 0.8)])
     assert [(t.track_id, t.lost) for t in tracker.tracks.values()] == [(1, False)]
+
+
+def test_a_swimmer_crossing_a_still_person_does_not_reset_their_clock() -> None:
+    pool = analyzer()
+    out = []
+    for i in range(100):
+        t = i / 4
+        ax = 100 + 8 * i  # passes right over the still person at x = 300 around t = 6 s
+        dets = [person(300, 200)]
+        if ax < 640:
+            dets.append(person(ax, 205))
+        out += [(t, s.kind, s.track_id) for s in pool.step(t, dets, W, H)]
+    assert out == [(10.0, "candidate", 1), (15.0, "alarm", 1)]
