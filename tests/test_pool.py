@@ -283,3 +283,11 @@ def test_a_swimmer_crossing_a_still_person_does_not_reset_their_clock() -> None:
             dets.append(person(ax, 205))
         out += [(t, s.kind, s.track_id) for s in pool.step(t, dets, W, H)]
     assert out == [(10.0, "candidate", 1), (15.0, "alarm", 1)]
+
+
+def test_one_misplaced_box_does_not_restart_the_stillness_clock() -> None:
+    pool = analyzer()
+    positions: list[tuple[float, float] | None] = [(300, 200)] * 70
+    positions[20] = (340, 200)  # the detector's box jumps 0.67 sizes for one frame
+    signals = run(pool, positions)
+    assert [(t, s.kind) for t, s in signals] == [(10.0, "candidate"), (15.0, "alarm")]

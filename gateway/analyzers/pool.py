@@ -33,6 +33,7 @@ Per frame, in this order:
 from __future__ import annotations
 
 import math
+import statistics
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -454,18 +455,28 @@ class PoolAnalyzer:
         return signals
 
     def _moved(self, track: Track, now_s: float) -> None:
-        cx, cy = track.center
         trail = track.trail
-        trail.append((now_s, cx, cy))
+        trail.append((now_s, *track.center))
         while trail and trail[0][0] < now_s - self.params.tracker.trail_s:
             trail.popleft()
+        # Where the person is now: the median of the last three centres, so one misplaced box
+        # neither restarts the clock nor counts as the place they rest.
+        recent = list(trail)[-3:]
+        cx = statistics.median(x for _t, x, _y in recent)
+        cy = statistics.median(y for _t, _x, y in recent)
         limit = self.params.still_displacement * box_size(track.box)
         since = now_s
         moved = False
+        away = 0
         for t, x, y in reversed(trail):
             if math.hypot(x - cx, y - cy) > limit:
-                moved = True
-                break
+                # Two positions in a row away from here: a move; one alone: a misplaced box.
+                away += 1
+                if away == 2:
+                    moved = True
+                    break
+                continue
+            away = 0
             since = t
         # Without a move inside the trail, the stillness began before it: keep the older time.
         since = since if moved else min(since, track.still_since_s)
