@@ -39,6 +39,7 @@ from models.waste.preprocess import (
     MAX_PIXELS,
     ImageDecodeError,
     decode_image,
+    jpeg_size,
     preprocess,
     softmax,
     top_k,
@@ -91,8 +92,8 @@ def test_jpeg_and_png_decode_to_the_same_rgb_input() -> None:
     [
         (b"", "unknown file signature"),
         (b"%PDF-1.7 not an image", "unknown file signature"),
-        (b"\xff\xd8\xff\xe0" + b"\x00" * 100, "could not be decoded"),
-        (b"\x89PNG\r\n\x1a\n\x00\x00", "truncated PNG header"),
+        (b"\xff\xd8\xff\xe0" + b"\x00" * 100, "malformed JPEG header"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00", "malformed PNG header"),
     ],
 )
 def test_what_is_not_a_decodable_image_is_refused_with_the_reason(data: bytes, reason: str) -> None:
@@ -107,6 +108,32 @@ def test_a_png_claiming_a_huge_canvas_is_refused_before_decoding() -> None:
     assert MAX_PIXELS < 100_000 * 100_000
     with pytest.raises(ImageDecodeError, match="larger than allowed"):
         decode_image(bytes(png))
+
+
+def test_a_jpeg_claiming_a_huge_frame_is_refused_before_decoding() -> None:
+    jpeg = bytearray(_jpeg(np.zeros((16, 16, 3), dtype=np.uint8)))
+    assert jpeg_size(bytes(jpeg)) == (16, 16)
+    sof = next(i for i in range(2, len(jpeg) - 1) if jpeg[i] == 0xFF and jpeg[i + 1] == 0xC0)
+    jpeg[sof + 5 : sof + 9] = (60_000).to_bytes(2, "big") * 2  # height, width
+    with pytest.raises(ImageDecodeError, match="JPEG of 60000x60000 pixels is larger"):
+        decode_image(bytes(jpeg))
+
+
+def test_a_large_jpeg_is_decoded_at_reduced_scale_to_nearly_the_same_input() -> None:
+    rng = np.random.default_rng(3)
+    small = cv2.resize(
+        rng.integers(0, 255, size=(12, 16, 3), dtype=np.uint8), (2000, 1500), cv2.INTER_CUBIC
+    )
+    data = _jpeg(small)
+    assert jpeg_size(data) == (2000, 1500)
+    decoded = decode_image(data)
+    assert decoded.shape == (750, 1000, 3)  # 1/2: the short side keeps at least 448 px
+    full = cv2.cvtColor(
+        cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB
+    )
+    assert np.abs(preprocess(decoded) - preprocess(full)).mean() < 0.02
+    # The photo sizes the model was trained and evaluated on are decoded in full.
+    assert decode_image(_jpeg(small[:384, :512])).shape == (384, 512, 3)
 
 
 # -- calibration and the result ------------------------------------------------------------------
