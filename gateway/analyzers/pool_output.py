@@ -32,6 +32,7 @@ log = structlog.get_logger(__name__)
 # How long an alarm waits for the local broker connection before it is counted as not sent (the
 # next repeat tries again).
 _CONNECT_WAIT_S = 2.0
+_FIRST_RETRY_S = 0.2
 
 
 class AlarmOutput(Protocol):
@@ -59,7 +60,7 @@ class MqttAlarmOutput:
         self.connected = asyncio.Event()
 
     async def run(self) -> None:
-        delay = 0.2
+        delay = _FIRST_RETRY_S
         while True:
             try:
                 async with aiomqtt.Client(
@@ -72,18 +73,20 @@ class MqttAlarmOutput:
                     self._client = client
                     self.connected.set()
                     self.counters["connects"] += 1
-                    delay = 0.2
+                    delay = _FIRST_RETRY_S
                     # Nothing to read: the connection is kept until it fails.
                     async for _message in client.messages:
                         pass
             except aiomqtt.MqttError as exc:
                 self.counters["connect_failures"] += 1
-                log.warning(
-                    "pool_alarm_output_down",
-                    host=self._cfg.host,
-                    port=self._cfg.port,
-                    error=str(exc)[:200],
-                )
+                if delay == _FIRST_RETRY_S:
+                    # Once per outage; the retries meanwhile are counted, not logged.
+                    log.warning(
+                        "pool_alarm_output_down",
+                        host=self._cfg.host,
+                        port=self._cfg.port,
+                        error=str(exc)[:200],
+                    )
             finally:
                 self._client = None
                 self.connected.clear()

@@ -185,6 +185,7 @@ class PoolMonitor:
         self.history: deque[tuple[float, str, int]] = deque(maxlen=256)
         self._grey: npt.NDArray[np.uint8] | None = None
         self._health_t: float | None = None
+        self._camera_problem: str | None = None
         self._reported: tuple[bool, tuple[str, ...]] | None = None
 
     # -- status ---------------------------------------------------------------------------------
@@ -288,6 +289,14 @@ class PoolMonitor:
     async def tick(self) -> None:
         """Housekeeping: a silent camera, expired zones, alarm repeats."""
         now = self._clock()
+        problem = self.camera.problem
+        if problem != self._camera_problem:
+            # The camera driver does not log; its state changes are said here, once each.
+            self._camera_problem = problem
+            if problem is None:
+                log.info("pool_camera_open", pool=self.name, camera=self.camera.summary()["camera"])
+            else:
+                log.error("pool_camera_problem", pool=self.name, problem=problem)
         change = self.health.tick(now - self._last_arrival)
         await self._report_status(change)
         for zone in self.zones.expire():
