@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import os
 import random
 import re
 import threading
@@ -64,7 +65,7 @@ class CameraSettings:
     def kind(self) -> Literal["stream", "device", "file"]:
         if _URL.match(self.url):
             return "stream"
-        if self.url.startswith("/dev/video"):
+        if self.url.startswith(("/dev/video", "/dev/v4l/")):
             return "device"
         return "file"
 
@@ -103,6 +104,17 @@ def open_capture(settings: CameraSettings) -> cv2.VideoCapture:
     if settings.kind == "file" and not Path(settings.url).is_file():
         raise CameraError(f"camera {name}: video file not found")
     if settings.kind == "device":
+        device = Path(settings.url)
+        if not device.exists():
+            raise CameraError(
+                f"camera {name}: device not found (unplugged? prefer a stable "
+                f"/dev/v4l/by-id/... path: `ls -l /dev/v4l/by-id/`)"
+            )
+        if not os.access(device, os.R_OK | os.W_OK):
+            raise CameraError(
+                f"camera {name}: permission denied (the user needs the group of {name}, "
+                f"usually 'video': SupplementaryGroups=video)"
+            )
         cap = cv2.VideoCapture(settings.url, cv2.CAP_V4L2)
         # One buffered frame: the driver's default (4) would add their age to every analysis.
         cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)

@@ -120,3 +120,23 @@ def test_credentials_never_appear_in_names() -> None:
     assert CameraSettings("rtsp://x").kind == "stream"
     assert CameraSettings("/dev/video2").kind == "device"
     assert CameraSettings("clip.mp4").kind == "file"
+
+
+async def test_a_missing_v4l2_device_is_named_with_the_fix(tmp_path: Path) -> None:
+    camera = CameraSource(
+        "c",
+        CameraSettings(
+            "/dev/video97", read_timeout_s=0.05, reconnect_min_s=0.01, reconnect_max_s=0.02
+        ),
+    )
+    items: list[Frame | None] = []
+    async for item in camera.frames():
+        items.append(item)
+        if camera.problem is not None:
+            break
+    assert camera.settings.kind == "device"
+    assert camera.problem == (
+        "camera /dev/video97: device not found (unplugged? prefer a stable /dev/v4l/by-id/... "
+        "path: `ls -l /dev/v4l/by-id/`)"
+    )
+    assert CameraSettings("/dev/v4l/by-id/usb-cam-video-index0").kind == "device"
