@@ -15,9 +15,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import os
-import tempfile
-from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -37,6 +34,12 @@ from gateway.wire import Encoding, decode
 from models.detection import DetectorSpec, preprocess
 from tests.integration.helpers import mqtt_config
 from tests.support.mosquitto import Mosquitto, Recorder
+from tests.support.privacy import (
+    assert_new_temp_files_clean,
+    assert_state_clean,
+    leaks,
+    temp_entries,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 CLIP = Path(str(resources.files("gateway.demo").joinpath(demo_pool.CLIP)))
@@ -74,20 +77,6 @@ def _needles(frames: list[np.ndarray]) -> list[bytes]:
     return needles
 
 
-def _leaks(data: bytes, needles: list[bytes]) -> bool:
-    return any(needle in data for needle in needles)
-
-
-def _temp_entries() -> set[Path]:
-    return set(Path(tempfile.gettempdir()).iterdir())
-
-
-def _files(root: Path) -> Iterator[Path]:
-    for path in root.rglob("*"):
-        if path.is_file() and not path.is_symlink():
-            yield path
-
-
 @pytest.mark.broker
 async def test_no_image_data_upstream_locally_in_the_outbox_in_logs_or_in_files(
     mosquitto: Mosquitto, tmp_path: Path
@@ -96,7 +85,7 @@ async def test_no_image_data_upstream_locally_in_the_outbox_in_logs_or_in_files(
     assert len(frames) == 88
     needles = _needles(frames)
     state = tmp_path / "state"
-    temp_before = _temp_entries()
+    temp_before = temp_entries()
     with Mosquitto(tmp_path / "local-broker") as local:
         cfg = mqtt_config(state, mosquitto.port)
         pool = demo_pool.config()["pools"]["demo_pool"]
@@ -212,26 +201,17 @@ async def test_no_image_data_upstream_locally_in_the_outbox_in_logs_or_in_files(
     messages = upstream.messages + on_site.messages
     assert len(messages) > 5
     for message in messages:
-        assert not _leaks(message.payload, needles), message.topic
+        assert not leaks(message.payload, needles), message.topic
         assert len(message.payload) < 4096, message.topic
     # No log line does (and none is anywhere near a frame's size).
     assert logs
     for entry in logs:
         line = repr(entry).encode()
-        assert not _leaks(line, needles), entry
+        assert not leaks(line, needles), entry
         assert len(line) < 4096
     # No file the gateway owns or touched does.
-    state_files = list(_files(state))
-    assert any(p.name.startswith("outbox.sqlite3") for p in state_files)
-    for path in state_files:
-        assert not _leaks(path.read_bytes(), needles), path
-    for entry in _temp_entries() - temp_before:
-        paths = [entry] if entry.is_file() else list(_files(entry))
-        for path in paths:
-            if os.access(path, os.R_OK) and path.stat().st_size < 50_000_000:
-                data = path.read_bytes()
-                assert not _leaks(data, needles), path
-                assert len(data) < FRAME_BYTES or path.suffix in {".so", ".onnx"}, path
+    assert_state_clean(state, needles)
+    assert_new_temp_files_clean(temp_before, needles, frame_bytes=FRAME_BYTES)
     # The needles really are the frames' (the check would catch a copy).
-    assert _leaks(frames[8].tobytes(), needles)
-    assert _leaks(base64.b64encode(frames[8].tobytes()), needles)
+    assert leaks(frames[8].tobytes(), needles)
+    assert leaks(base64.b64encode(frames[8].tobytes()), needles)

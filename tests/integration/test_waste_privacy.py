@@ -13,9 +13,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import os
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +27,12 @@ from gateway.wire import Encoding, decode
 from models.waste.preprocess import decode_image, preprocess
 from tests.integration.helpers import mqtt_config
 from tests.support.mosquitto import Mosquitto, Recorder
+from tests.support.privacy import (
+    assert_new_temp_files_clean,
+    assert_state_clean,
+    leaks,
+    temp_entries,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 PHOTOS = sorted((ROOT / "gateway" / "demo" / "waste").glob("*.jpg"))
@@ -52,20 +55,6 @@ def _needles(photo: bytes) -> list[bytes]:
     return needles
 
 
-def _leaks(data: bytes, needles: list[bytes]) -> bool:
-    return any(needle in data for needle in needles)
-
-
-def _temp_entries() -> set[Path]:
-    return set(Path(tempfile.gettempdir()).iterdir())
-
-
-def _files(root: Path) -> Iterator[Path]:
-    for path in root.rglob("*"):
-        if path.is_file() and not path.is_symlink():
-            yield path
-
-
 @pytest.mark.broker
 async def test_no_image_data_upstream_in_the_outbox_in_logs_or_in_files(
     mosquitto: Mosquitto, tmp_path: Path
@@ -74,7 +63,7 @@ async def test_no_image_data_upstream_in_the_outbox_in_logs_or_in_files(
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     state = tmp_path / "state"
-    temp_before = _temp_entries()
+    temp_before = temp_entries()
     by_file, by_mqtt = PHOTOS[0].read_bytes(), PHOTOS[1].read_bytes()
     needles = _needles(by_file) + _needles(by_mqtt)
     with Mosquitto(tmp_path / "local-broker") as local:
@@ -145,22 +134,15 @@ async def test_no_image_data_upstream_in_the_outbox_in_logs_or_in_files(
     # Nothing upstream carries image data, and every message is small.
     assert upstream.messages
     for message in upstream.messages:
-        assert not _leaks(message.payload, needles), message.topic
+        assert not leaks(message.payload, needles), message.topic
         assert len(message.payload) < 4096, message.topic
     # No log line does.
     assert logs
-    assert not _leaks(repr(logs).encode(), needles)
+    assert not leaks(repr(logs).encode(), needles)
     # No file the gateway owns or touched does: inbox emptied, outbox and WAL clean.
     assert list(inbox.iterdir()) == []
-    state_files = list(_files(state))
-    assert any(p.name.startswith("outbox.sqlite3") for p in state_files)
-    for path in state_files:
-        assert not _leaks(path.read_bytes(), needles), path
-    for entry in _temp_entries() - temp_before:
-        paths = [entry] if entry.is_file() else list(_files(entry))
-        for path in paths:
-            if os.access(path, os.R_OK) and path.stat().st_size < 50_000_000:
-                assert not _leaks(path.read_bytes(), needles), path
+    assert_state_clean(state, needles)
+    assert_new_temp_files_clean(temp_before, needles)
     # The bytes compared really are the photos' (the check would catch a copy).
-    assert _leaks(by_file + by_mqtt, needles)
+    assert leaks(by_file + by_mqtt, needles)
     assert np.frombuffer(by_file[:3], dtype=np.uint8).tolist() == [0xFF, 0xD8, 0xFF]
