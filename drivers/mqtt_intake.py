@@ -12,9 +12,10 @@ bench/chirpstack_ingest.py's drain). This client:
   per wake-up;
 * acknowledges with PUBACKs that the consumer sends after its own commit, coalesced into one
   write per loop iteration;
-* stops reading from the socket while more than ``max_unacked`` messages are delivered but not
-  acknowledged: TCP flow control then holds the rest at the broker (which queues them for the
-  persistent session), so memory is bounded by the window, not by the backlog.
+* stops reading from the socket while more than ``max_unacked`` messages, or more than
+  ``max_unacked_bytes`` of their payloads, are delivered but not acknowledged: TCP flow control
+  then holds the rest at the broker (which queues them for the persistent session), so memory is
+  bounded by the window, not by the backlog or by how large the messages are.
 
 It implements only what the ChirpStack source needs: CONNECT (persistent session, credentials,
 TLS through asyncio), SUBSCRIBE, receiving PUBLISH at QoS 0/1, PUBACK, publishing at QoS 1 (for
@@ -54,6 +55,9 @@ _DISCONNECT = b"\xe0\x00"
 # the message is handed over marked ``oversized`` (see the module docstring). Any other packet
 # that large is a broken peer and fails the session.
 MAX_PACKET_BYTES = 1 << 20
+
+# Payload bytes received and not yet acknowledged before reading pauses (with max_unacked).
+DEFAULT_MAX_UNACKED_BYTES = 16 * 1024 * 1024
 
 MQTT_311 = 4
 MQTT_5 = 5
@@ -174,10 +178,16 @@ def puback(packet_id: int) -> bytes:
 class _Protocol(asyncio.Protocol):
     """One connection's byte stream: parsing, flow control and outstanding requests."""
 
-    def __init__(self, max_unacked: int, version: int = MQTT_311) -> None:
+    def __init__(
+        self,
+        max_unacked: int,
+        version: int = MQTT_311,
+        max_unacked_bytes: int = DEFAULT_MAX_UNACKED_BYTES,
+    ) -> None:
         self._loop = asyncio.get_running_loop()
         self.version = version
         self._max_unacked = max_unacked
+        self._max_unacked_bytes = max_unacked_bytes
         self._buf = bytearray()
         # Bytes of an oversized PUBLISH still to come, dropped as they arrive.
         self._skip = 0
@@ -190,6 +200,9 @@ class _Protocol(asyncio.Protocol):
         self._error: MqttIntakeError | None = None
         self._paused = False
         self.unacked = 0
+        # Payload bytes of those messages: a count alone would let 1000 messages of 1 MiB each
+        # hold a gigabyte; reading also pauses beyond max_unacked_bytes.
+        self.unacked_bytes = 0
         self._acks = bytearray()
         self._ack_scheduled = False
         self.connack: asyncio.Future[tuple[int, bool]] = self._loop.create_future()
@@ -244,10 +257,16 @@ class _Protocol(asyncio.Protocol):
         finally:
             # Also when a packet was incomplete or broken: what reached ``ready`` is counted.
             if len(ready) > before:
-                self.unacked += sum(1 for m in ready[before:] if m.qos)
+                new = [m for m in ready[before:] if m.qos]
+                self.unacked += len(new)
+                self.unacked_bytes += sum(len(m.payload) for m in new)
                 if self._waiter is not None and not self._waiter.done():
                     self._waiter.set_result(None)
-                if self.unacked >= self._max_unacked and not self._paused and self._transport:
+                full = (
+                    self.unacked >= self._max_unacked
+                    or self.unacked_bytes >= self._max_unacked_bytes
+                )
+                if full and not self._paused and self._transport:
                     self._paused = True
                     self._transport.pause_reading()
 
@@ -363,15 +382,22 @@ class _Protocol(asyncio.Protocol):
         ready, self._ready = self._ready, []
         return ready
 
-    def ack(self, packet_id: int) -> None:
-        """Queue a PUBACK; all PUBACKs of one loop iteration go out in one write."""
+    def ack(self, packet_id: int, size: int = 0) -> None:
+        """Queue a PUBACK (``size``: the message's payload bytes); all PUBACKs of one loop
+        iteration go out in one write."""
         if self._error is not None:
             # The session is gone: the broker redelivers, and stable event ids make that a
             # duplicate receivers drop.
             return
         self._acks += puback(packet_id)
         self.unacked -= 1
-        if self._paused and self.unacked <= self._max_unacked // 2 and self._transport:
+        self.unacked_bytes -= size
+        if (
+            self._paused
+            and self.unacked <= self._max_unacked // 2
+            and self.unacked_bytes <= self._max_unacked_bytes // 2
+            and self._transport
+        ):
             self._paused = False
             self._transport.resume_reading()
         if not self._ack_scheduled:
@@ -524,6 +550,7 @@ class MqttIntake:
         keepalive_s: int = 60,
         tls_context: ssl.SSLContext | None = None,
         max_unacked: int = 2000,
+        max_unacked_bytes: int = DEFAULT_MAX_UNACKED_BYTES,
         timeout_s: float = 10.0,
         version: int = MQTT_5,
         session_expiry_s: int = 0xFFFFFFFF,
@@ -540,7 +567,7 @@ class MqttIntake:
         try:
             async with asyncio.timeout(timeout_s):
                 _transport, protocol = await loop.create_connection(
-                    lambda: _Protocol(max_unacked, version),
+                    lambda: _Protocol(max_unacked, version, max_unacked_bytes),
                     host,
                     port,
                     ssl=tls_context,
@@ -635,8 +662,8 @@ class MqttIntake:
         """What acknowledges ``message`` (a no-op at QoS 0 or once this session is gone)."""
         if not message.qos:
             return _nothing
-        protocol, packet_id = self._protocol, message.packet_id
-        return lambda: protocol.ack(packet_id)
+        protocol, packet_id, size = self._protocol, message.packet_id, len(message.payload)
+        return lambda: protocol.ack(packet_id, size)
 
     @property
     def unacked(self) -> int:

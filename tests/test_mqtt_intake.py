@@ -965,6 +965,39 @@ async def test_reading_pauses_at_the_window_and_resumes_at_half() -> None:
     assert transport.pauses == 1
 
 
+async def test_reading_pauses_beyond_the_byte_budget_and_resumes_at_half() -> None:
+    # Few messages, but large ones: the count window (100) is far away, the bytes are not.
+    protocol = _Protocol(100, MQTT_311, max_unacked_bytes=3000)
+    transport = DummyTransport()
+    protocol.connection_made(transport)
+    protocol.data_received(publish_packet("t", b"x" * 1000, 1, 1))
+    protocol.data_received(publish_packet("t", b"x" * 1000, 1, 2))
+    assert transport.reading  # 2000 < 3000
+    protocol.data_received(publish_packet("t", b"x" * 1000, 1, 3))
+    assert not transport.reading
+    assert (protocol.unacked, protocol.unacked_bytes) == (3, 3000)
+    messages = await protocol.batch()
+    protocol.ack(messages[0].packet_id, len(messages[0].payload))
+    assert not transport.reading  # 2000 > 3000 // 2
+    protocol.ack(messages[1].packet_id, len(messages[1].payload))
+    assert transport.reading
+    assert protocol.unacked_bytes == 1000
+
+
+@broker
+async def test_the_acker_gives_back_the_message_bytes(mosquitto: Mosquitto, version: int) -> None:
+    intake = await connected(mosquitto.port, clean_session=True, version=version)
+    try:
+        async with publisher(mosquitto.port) as pub:
+            await pub.publish("t/a", b"y" * 500, qos=1)
+        (message,) = await collect(intake, 1, ack=False)
+        assert intake._protocol.unacked_bytes == 500
+        intake.acker(message)()
+        assert (intake.unacked, intake._protocol.unacked_bytes) == (0, 0)
+    finally:
+        await intake.close()
+
+
 async def test_messages_before_a_broken_packet_are_delivered_once() -> None:
     protocol, _transport = attached(max_unacked=100)
     protocol.data_received(publish_packet("t", b"good", 1, 1) + b"\x30\x00")
