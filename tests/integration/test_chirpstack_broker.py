@@ -327,9 +327,13 @@ async def test_uplinks_sent_while_the_gateway_was_down_still_arrive(tmp_path: Pa
             tally = Tally(rec.messages)
 
             async def publish(f_cnts: range) -> None:
-                async with aiomqtt.Client(broker.host, broker.port) as cs:
+                # Bounded: a publish that never gets its PUBACK (a broker restarting under it)
+                # fails the test with a reason instead of hanging it.
+                async with aiomqtt.Client(broker.host, broker.port, timeout=10) as cs:
                     for f_cnt in f_cnts:
-                        await cs.publish(topic(GAUGE), as_json(uplink(GAUGE, f_cnt, 1000)), qos=1)
+                        await cs.publish(
+                            topic(GAUGE), as_json(uplink(GAUGE, f_cnt, 1000)), qos=1, timeout=10
+                        )
 
             async with running(cfg) as gateway:
                 await wait_subscribed(gateway)
