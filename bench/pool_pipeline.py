@@ -49,6 +49,7 @@ from gateway.inference import InferenceEngine, load_model, session_options  # no
 from gateway.types import Event, Reading  # noqa: E402
 from models.detection import DetectorSpec, decode, preprocess  # noqa: E402
 from models.pool import DEFAULT_DETECTOR_CARD  # noqa: E402
+from models.pool.synth import read_video  # noqa: E402
 
 TARGET_OVERHEAD = 0.15
 THREADS = 2
@@ -62,16 +63,7 @@ def _status_kb(key: str) -> int:
 
 
 def _clip_frames() -> list[np.ndarray]:
-    clip = Path(str(resources.files("gateway.demo").joinpath("pool-demo.mp4")))
-    cap = cv2.VideoCapture(str(clip))
-    frames = []
-    while True:
-        ok, frame = cap.read()
-        if not ok:
-            break
-        frames.append(frame)
-    cap.release()
-    return frames
+    return read_video(Path(str(resources.files("gateway.demo").joinpath("pool-demo.mp4"))))
 
 
 def _write(path: Path, frames: list[np.ndarray], size: tuple[int, int]) -> list[np.ndarray]:
@@ -80,15 +72,7 @@ def _write(path: Path, frames: list[np.ndarray], size: tuple[int, int]) -> list[
         writer.write(cv2.resize(frame, size, interpolation=cv2.INTER_LINEAR))
     writer.release()
     # What the pipeline will decode, decoded once here for the reference rows.
-    cap = cv2.VideoCapture(str(path))
-    decoded = []
-    while True:
-        ok, frame = cap.read()
-        if not ok:
-            break
-        decoded.append(frame)
-    cap.release()
-    return decoded
+    return read_video(path)
 
 
 def bare(session: ort.InferenceSession, name: str, tensors: list[np.ndarray]) -> float:

@@ -23,6 +23,7 @@ from gateway.config import InferenceSection
 from gateway.health import Metrics
 from gateway.inference import InferenceEngine
 from gateway.types import Event, Reading, Severity
+from models.pool.synth import read_video
 
 ROOT = Path(__file__).resolve().parents[1]
 GENERIC = ROOT / "models" / "generic" / "fastestdet" / "fastestdet.toml"
@@ -206,13 +207,8 @@ async def test_a_missing_detector_means_not_monitoring(tmp_path: Path) -> None:
 
 async def test_a_camera_going_dark_is_reported_and_recovery_too(tmp_path: Path) -> None:
     # 8 s of the clip, 8 s dark, 8 s of the clip again.
-    cap = cv2.VideoCapture(str(CLIP))
-    frames = []
-    while len(frames) < 32:
-        ok, frame = cap.read()
-        assert ok
-        frames.append(frame)
-    cap.release()
+    frames = read_video(CLIP, limit=32)
+    assert len(frames) == 32
     video = tmp_path / "dark.mp4"
     writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), 4.0, (320, 240))
     rng = np.random.default_rng(0)

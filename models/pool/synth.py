@@ -275,6 +275,22 @@ def write_video(path: Path, frames: Iterator[Image], fps: float) -> int:
     return n
 
 
+def read_video(path: Path, limit: int | None = None) -> list[Image]:
+    """The frames of a video file, decoded (at most ``limit``), for tests and benchmarks."""
+    cap = cv2.VideoCapture(str(path))
+    frames: list[Image] = []
+    try:
+        while limit is None or len(frames) < limit:
+            ok, frame = cap.read()
+            if not ok:
+                break
+            # OpenCV's stubs type a decoded frame loosely; it is uint8 BGR, H x W x 3.
+            frames.append(np.asarray(frame, dtype=np.uint8))
+    finally:
+        cap.release()
+    return frames
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, required=True, help="a YOLO data set directory")

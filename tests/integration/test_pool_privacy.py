@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
-import cv2
 import numpy as np
 import pytest
 from structlog.testing import capture_logs
@@ -32,6 +31,7 @@ from gateway.inference import load_model
 from gateway.types import Event
 from gateway.wire import Encoding, decode
 from models.detection import DetectorSpec, preprocess
+from models.pool.synth import read_video
 from tests.integration.helpers import mqtt_config
 from tests.support.mosquitto import Mosquitto, Recorder
 from tests.support.privacy import (
@@ -50,15 +50,7 @@ SIGNATURES = [b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"/9j/", b"iVBORw0KGgo"]
 
 
 def _frames() -> list[np.ndarray]:
-    cap = cv2.VideoCapture(str(CLIP))
-    frames = []
-    while True:
-        ok, frame = cap.read()
-        if not ok:
-            break
-        frames.append(frame)
-    cap.release()
-    return frames
+    return read_video(CLIP)
 
 
 def _needles(frames: list[np.ndarray]) -> list[bytes]:
