@@ -262,13 +262,25 @@ class _Protocol(asyncio.Protocol):
                 self.unacked_bytes += sum(len(m.payload) for m in new)
                 if self._waiter is not None and not self._waiter.done():
                     self._waiter.set_result(None)
-                full = (
-                    self.unacked >= self._max_unacked
-                    or self.unacked_bytes >= self._max_unacked_bytes
-                )
-                if full and not self._paused and self._transport:
-                    self._paused = True
-                    self._transport.pause_reading()
+                self.pause_if_full()
+
+    def pause_if_full(self) -> None:
+        """Stop reading while the window is full, unless a request waits for its answer.
+
+        A kept session's backlog arrives before the SUBACK (and uplinks before a downlink's
+        PUBACK); paused behind them, that answer would never be read while the messages wait for
+        the subscription to be confirmed: a deadlock that a read boundary decided.
+        """
+        full = self.unacked >= self._max_unacked or self.unacked_bytes >= self._max_unacked_bytes
+        if full and not self._paused and not self.pending and self._transport:
+            self._paused = True
+            self._transport.pause_reading()
+
+    def keep_reading(self) -> None:
+        """Read on while a request is outstanding (see :meth:`pause_if_full`)."""
+        if self._paused and self._transport:
+            self._paused = False
+            self._transport.resume_reading()
 
     def _split(self, buf: bytearray, ready: list[IntakeMessage]) -> int:
         pos, end = 0, len(buf)
@@ -615,15 +627,18 @@ class MqttIntake:
     async def _request(self, packet: Callable[[int], bytes], timeout_s: float) -> bytes:
         packet_id = self._packet_id()
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self._protocol.pending[packet_id] = future
+        protocol = self._protocol
+        protocol.pending[packet_id] = future
+        protocol.keep_reading()
         try:
-            self._protocol.send(packet(packet_id))
+            protocol.send(packet(packet_id))
             async with asyncio.timeout(timeout_s):
                 return await future
         except TimeoutError as exc:
             raise MqttIntakeError(f"no acknowledgement within {timeout_s} s") from exc
         finally:
-            self._protocol.pending.pop(packet_id, None)
+            protocol.pending.pop(packet_id, None)
+            protocol.pause_if_full()
 
     async def subscribe(self, topic: str, qos: int = 1, timeout_s: float = 10.0) -> int:
         """Subscribe; returns the granted QoS (raises MqttIntakeError on refusal)."""

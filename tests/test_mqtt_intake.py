@@ -998,6 +998,42 @@ async def test_the_acker_gives_back_the_message_bytes(mosquitto: Mosquitto, vers
         await intake.close()
 
 
+async def test_reading_goes_on_while_a_request_waits_for_its_answer() -> None:
+    protocol, transport = attached(max_unacked=2)
+    answer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+    protocol.pending[1] = answer
+    protocol.data_received(b"".join(publish_packet("t", b"", 1, pid) for pid in range(1, 4)))
+    # Over the window, but the SUBACK still to come is behind these messages: keep reading.
+    assert transport.reading
+    protocol.data_received(b"\x90\x03\x00\x01\x01")
+    assert answer.result() == b"\x01"
+    assert not protocol.pending  # answered: what MqttIntake then re-checks
+    protocol.pause_if_full()
+    assert not transport.reading
+
+
+@broker
+async def test_subscribing_to_a_kept_session_with_a_backlog_over_the_window(
+    mosquitto: Mosquitto, version: int
+) -> None:
+    # The broker sends the queued backlog on connect, before the SUBACK; a window of 5 used to
+    # stop reading in front of the SUBACK whenever a read ended between the two.
+    intake = await connected(mosquitto.port, "backlog", version=version)
+    await intake.close()
+    async with publisher(mosquitto.port) as pub:
+        for i in range(50):
+            await pub.publish("t/backlog", str(i).encode(), qos=1)
+    intake = await open_intake(mosquitto.port, "backlog", version=version, max_unacked=5)
+    try:
+        assert intake.session_present
+        for _ in range(3):  # a SUBACK to wait for, with the window full each time
+            assert await intake.subscribe("t/#", timeout_s=GUARD_S) == 1
+        got = await collect(intake, 50, ack=True)
+        assert sorted(int(m.payload) for m in got) == list(range(50))
+    finally:
+        await intake.close()
+
+
 async def test_messages_before_a_broken_packet_are_delivered_once() -> None:
     protocol, _transport = attached(max_unacked=100)
     protocol.data_received(publish_packet("t", b"good", 1, 1) + b"\x30\x00")
