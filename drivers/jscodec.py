@@ -41,6 +41,9 @@ Limits (each failure raises :class:`gateway.errors.CodecError` naming the file):
   codec in a worker process that is killed at its deadline (``timeout_ms`` plus a margin), and the
   daemon and ``edge-gateway codec run`` use it. This module stays the pure in-process engine.
 * Memory: ``memory_limit_bytes`` per decode (default 16 MiB) for the runtime's whole heap.
+  QuickJS mostly throws "out of memory" at the limit, but some of its out-of-memory paths crash
+  the process (upstream bugs; seen here once in CI as SIGSEGV). The worker process contains that
+  too: the caller gets "the worker died" and a fresh worker for the next frame.
 * Output: ``max_output_bytes`` of JSON (default 64 KiB).
 
 Thread-safety: a :class:`JsCodec` holds only immutable Python values. Each decode creates, uses and
