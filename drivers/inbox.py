@@ -33,6 +33,8 @@ from drivers.mqtt_intake import MQTT_311, IntakeMessage, MqttIntake, MqttIntakeE
 __all__ = ["BrokerInbox", "ImageInbox", "InboxImage", "image_signature"]
 
 RESULT_SUFFIX = "/result"
+# An MQTT PUBLISH carries the topic (at most 64 KiB), a packet id and the payload.
+_TOPIC_ROOM = 65_536 + 8
 _IGNORED_SUFFIXES = (".part", ".tmp", ".swp")
 # Files kept in the directory (keep_files) are remembered so they are not analysed again; the
 # memory is bounded, oldest forgotten first.
@@ -224,6 +226,9 @@ class ImageInbox:
                     broker.client_id,
                     clean_session=True,
                     max_unacked=16,
+                    # A photo up to max_bytes fits in one packet with its topic (at most 64 KiB)
+                    # and header; a larger one arrives ``oversized`` and is refused unread.
+                    max_packet_bytes=self._max_bytes + _TOPIC_ROOM,
                     version=MQTT_311,
                 )
             except MqttIntakeError:
@@ -254,7 +259,11 @@ class ImageInbox:
         try:
             if message.topic.endswith(RESULT_SUFFIX):
                 return  # our own (or another gateway's) answer, not a photo
-            problem = self._check(message.payload)
+            problem = (
+                f"a message of {message.oversized} bytes, more than max_bytes {self._max_bytes}"
+                if message.oversized
+                else self._check(message.payload)
+            )
             reply: bytes | None
             if problem is not None:
                 self.counters["rejected"] += 1

@@ -22,10 +22,11 @@ TLS through asyncio), SUBSCRIBE, receiving PUBLISH at QoS 0/1, PUBACK, publishin
 downlink commands), keepalive (PINGREQ/PINGRESP) and DISCONNECT. Pure asyncio; no logging here:
 errors are raised to the caller, which names and counts them.
 
-A PUBLISH larger than ``MAX_PACKET_BYTES`` is not buffered: its payload is streamed past as it
-arrives and the consumer gets an :class:`IntakeMessage` with an empty payload and ``oversized``
-set to the packet's size, to count, report and acknowledge. Failing the session instead would
-never end: the broker redelivers an unacknowledged QoS 1 message on every reconnect.
+A PUBLISH larger than ``max_packet_bytes`` (default ``MAX_PACKET_BYTES``) is not buffered: its
+payload is streamed past as it arrives and the consumer gets an :class:`IntakeMessage` with an
+empty payload and ``oversized`` set to the packet's size, to count, report and acknowledge.
+Failing the session instead would never end: the broker redelivers an unacknowledged QoS 1
+message on every reconnect.
 """
 
 from __future__ import annotations
@@ -51,9 +52,9 @@ _PINGRESP = 0xD0
 _DISCONNECT = b"\xe0\x00"
 
 # The protocol caps the remaining length at 268,435,455 bytes; ChirpStack events are a few KB.
-# A larger PUBLISH is not data the gateway can use: its payload is skipped, never buffered, and
-# the message is handed over marked ``oversized`` (see the module docstring). Any other packet
-# that large is a broken peer and fails the session.
+# The default of ``max_packet_bytes``: a larger PUBLISH is not data the gateway can use. Its
+# payload is skipped, never buffered, and the message is handed over marked ``oversized`` (see
+# the module docstring). Any other packet that large is a broken peer and fails the session.
 MAX_PACKET_BYTES = 1 << 20
 
 # Payload bytes received and not yet acknowledged before reading pauses (with max_unacked).
@@ -101,7 +102,7 @@ class MqttRefusedError(MqttIntakeError):
 class IntakeMessage:
     """One received PUBLISH. ``packet_id`` is 0 for QoS 0 (nothing to acknowledge).
 
-    ``oversized`` is 0, or the packet's remaining length when it exceeded ``MAX_PACKET_BYTES``:
+    ``oversized`` is 0, or the packet's remaining length when it exceeded ``max_packet_bytes``:
     the payload was then skipped unread (``payload`` is empty), and acknowledging the message
     is what stops the broker from delivering it again.
     """
@@ -183,11 +184,13 @@ class _Protocol(asyncio.Protocol):
         max_unacked: int,
         version: int = MQTT_311,
         max_unacked_bytes: int = DEFAULT_MAX_UNACKED_BYTES,
+        max_packet_bytes: int = MAX_PACKET_BYTES,
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self.version = version
         self._max_unacked = max_unacked
         self._max_unacked_bytes = max_unacked_bytes
+        self._max_packet_bytes = max_packet_bytes
         self._buf = bytearray()
         # Bytes of an oversized PUBLISH still to come, dropped as they arrive.
         self._skip = 0
@@ -301,9 +304,11 @@ class _Protocol(asyncio.Protocol):
                     raise MqttIntakeError("malformed remaining length")
             kind = first & 0xF0
             stop = i + length
-            if length > MAX_PACKET_BYTES:
+            if length > self._max_packet_bytes:
                 if kind != _PUBLISH:
-                    raise MqttIntakeError(f"packet of {length} bytes exceeds {MAX_PACKET_BYTES}")
+                    raise MqttIntakeError(
+                        f"packet of {length} bytes exceeds {self._max_packet_bytes}"
+                    )
                 # Only the topic and packet id are kept (they fit: a topic is at most 64 KiB).
                 head = self._publish_head(buf, first, i, min(stop, end))
                 if head is None:
@@ -563,6 +568,7 @@ class MqttIntake:
         tls_context: ssl.SSLContext | None = None,
         max_unacked: int = 2000,
         max_unacked_bytes: int = DEFAULT_MAX_UNACKED_BYTES,
+        max_packet_bytes: int = MAX_PACKET_BYTES,
         timeout_s: float = 10.0,
         version: int = MQTT_5,
         session_expiry_s: int = 0xFFFFFFFF,
@@ -572,14 +578,15 @@ class MqttIntake:
         With MQTT 5 the client announces ``max_unacked`` as its Receive Maximum, so the broker
         keeps that many messages in flight to it instead of its own ``max_inflight_messages``
         (mosquitto's default, 20, made the commit round trip the ceiling: 20 uplinks per
-        fsync). A kept session (``clean_session=False``) lives ``session_expiry_s`` at the
+        fsync). A PUBLISH over ``max_packet_bytes`` arrives ``oversized`` (module docstring).
+        A kept session (``clean_session=False``) lives ``session_expiry_s`` at the
         broker (MQTT 5 ends it at disconnect unless told otherwise; 0xFFFFFFFF: never).
         """
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(timeout_s):
                 _transport, protocol = await loop.create_connection(
-                    lambda: _Protocol(max_unacked, version, max_unacked_bytes),
+                    lambda: _Protocol(max_unacked, version, max_unacked_bytes, max_packet_bytes),
                     host,
                     port,
                     ssl=tls_context,

@@ -23,11 +23,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["MQTT_MAX_IMAGE_BYTES", "ImageInboxSourceConfig", "WasteSection"]
-
-# The local MQTT intake refuses packets over 1 MiB (drivers.mqtt_intake.MAX_PACKET_BYTES); an
-# image sent over MQTT must fit in one, with its topic.
-MQTT_MAX_IMAGE_BYTES = (1 << 20) - 4096
+__all__ = ["ImageInboxSourceConfig", "WasteSection"]
 
 _TOPIC_FILTER = re.compile(r"^[^#+]*(/\+)*(/#)?$|^[^#]*$")
 

@@ -125,6 +125,46 @@ async def test_images_over_the_local_broker_get_their_answer_on_the_result_topic
     assert sink.rejected[0][:2] == ("mqtt", "waste/image/req-2")
 
 
+async def test_photos_over_one_mebibyte_come_through_the_broker_and_larger_ones_are_refused(
+    mosquitto: Mosquitto,
+) -> None:
+    # Phone photos are several MB: the intake's packet limit follows max_bytes, and a message
+    # beyond it is refused with its size (it used to arrive empty and be called "empty").
+    sink = _Sink()
+    broker = BrokerInbox(mosquitto.host, mosquitto.port, "waste/image/+", "test-inbox-big")
+    inbox = _inbox(None, broker=broker, max_bytes=3_000_000)
+    rng = np.random.default_rng(7)
+    photo = b"\xff\xd8\xff\xe0" + rng.integers(0, 256, 2_500_000, dtype=np.uint8).tobytes()
+    too_big = b"\xff\xd8\xff\xe0" + bytes(3_200_000)
+    async with (
+        Recorder(mosquitto.host, mosquitto.port, topics=["waste/image/+/result"]) as rec,
+        asyncio.TaskGroup() as tg,
+    ):
+        task = tg.create_task(inbox.run(sink.handle, sink.reject))
+        async with asyncio.timeout(10):
+            await inbox.subscribed.wait()
+        async with aiomqtt.Client(mosquitto.host, mosquitto.port) as client:
+            await client.publish("waste/image/big", photo, qos=1)
+            await client.publish("waste/image/huge", too_big, qos=1)
+            await client.publish("waste/image/after", _jpeg(2), qos=1)
+            await rec.wait_for_count(3, timeout=20)
+        task.cancel()
+    replies = {m.topic: json.loads(m.payload) for m in rec.messages}
+    assert replies["waste/image/big/result"] == {"label": "glass", "n": 1}
+    assert replies["waste/image/after/result"] == {"label": "glass", "n": 2}
+    reason = f"a message of {3_200_004 + 2 + len('waste/image/huge') + 2} bytes, more than"
+    assert replies["waste/image/huge/result"]["error"].startswith("image rejected: " + reason)
+    assert [(i.name, i.data) for i in sink.images] == [
+        ("waste/image/big", photo),
+        ("waste/image/after", _jpeg(2)),
+    ]
+    assert sink.rejected == [
+        ("mqtt", "waste/image/huge", reason + " max_bytes 3000000"),
+    ]
+    assert inbox.counters["rejected"] == 1
+    assert inbox.counters["broker_connects"] == 1  # the large messages did not end the session
+
+
 def test_inbox_config_needs_an_input_and_once_only_for_a_directory() -> None:
     base = {"gateway": {"id": "t"}}
     with pytest.raises(ConfigError) as missing:
