@@ -70,7 +70,7 @@ def main() -> int:
     )
     photos = [p.read_bytes() for p in PHOTOS]
     big = phone_photo(photos[0])
-    prepared = [prepare(p) for p in photos]
+    prepared = [prepare(p, size=setup.image_size) for p in photos]
     rows: dict[str, list[float]] = {"bare": [], "small": [], "big": []}
     big_every = 10  # the 12 MP rows are slow: one in ten rounds
     for _ in range(5):  # warm-up

@@ -30,7 +30,7 @@ from models.waste.advice import (
     citizen_result,
     load_municipality,
 )
-from models.waste.preprocess import ImageDecodeError, decode_image, preprocess, views
+from models.waste.preprocess import IMAGE_SIZE, ImageDecodeError, decode_image, preprocess, views
 
 if TYPE_CHECKING:
     from gateway.config import GatewayConfig
@@ -52,6 +52,7 @@ class WasteSetup:
     model_name: str
     temperature: float
     tta: str  # "none" | "hflip": the views of one photo whose logits are averaged
+    image_size: int  # the model's square input side in pixels (the card's input shape)
     uncertain_below: float
     municipality: Municipality
     municipality_path: Path
@@ -68,6 +69,11 @@ def waste_setup(cfg: GatewayConfig) -> WasteSetup:
     tta = card.params.get("tta", "none")
     if tta not in ("none", "hflip"):
         raise ModelError(f"{card_path}: params.tta: must be none or hflip (got: {tta!r})")
+    shape = card.inputs[0].shape if card.inputs else []
+    if len(shape) != 4 or not isinstance(shape[-1], int) or shape[-1] != shape[-2]:
+        raise ModelError(
+            f"{card_path}: inputs[0].shape: must be [batch, 3, size, size] (got: {shape})"
+        )
     threshold = waste.uncertain_below
     if threshold is None:
         threshold = float(card.thresholds.get("uncertain_below", 0.5))
@@ -77,18 +83,20 @@ def waste_setup(cfg: GatewayConfig) -> WasteSetup:
         model_name=card.name,
         temperature=float(temperature),
         tta=str(tta),
+        image_size=int(shape[-1]),
         uncertain_below=threshold,
         municipality=load_municipality(path),
         municipality_path=path,
     )
 
 
-def prepare(data: bytes, tta: str = "none") -> np.ndarray:
+def prepare(data: bytes, tta: str = "none", size: int = IMAGE_SIZE) -> np.ndarray:
     """Image bytes -> the model's input (one row per view); ImageDecodeError with the reason.
 
-    CPU-bound: the daemon calls it off the event loop.
+    ``size`` is the model's square input side (:attr:`WasteSetup.image_size`). CPU-bound: the
+    daemon calls it off the event loop.
     """
-    return views(preprocess(decode_image(data)), tta)
+    return views(preprocess(decode_image(data, size), size), tta)
 
 
 class WasteService:
@@ -108,12 +116,12 @@ class WasteService:
 
     def classify(self, model: LoadedModel, data: bytes) -> CitizenResult:
         """Synchronous: decode, run, post-process (the CLI's path)."""
-        x = prepare(data, self.setup.tta)
+        x = prepare(data, self.setup.tta, self.setup.image_size)
         return self.result(model.run({model.card.inputs[0].name: x})[0])
 
     async def classify_async(self, engine: InferenceEngine, data: bytes) -> CitizenResult:
         """Decode off the loop (a phone photo takes ~100 ms), run through the engine."""
-        x = await asyncio.to_thread(prepare, data, self.setup.tta)
+        x = await asyncio.to_thread(prepare, data, self.setup.tta, self.setup.image_size)
         outputs = await engine.run(self.setup.model_name, {"image": x})
         return self.result(outputs[0])
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
 
 from gateway.cli import main
@@ -33,6 +35,7 @@ from models.waste.advice import (
     parse_municipality,
 )
 from models.waste.calibration import expected_calibration_error, fit_temperature, nll
+from models.waste.ensemble import merge_members
 from models.waste.evaluate import evaluate_classifier
 from models.waste.preprocess import (
     LABELS,
@@ -234,7 +237,9 @@ def test_bundled_training_photos_are_classified_as_their_label() -> None:
 
 def test_batched_run_equals_single_runs() -> None:
     model = load_model(CARD)
-    xs = [preprocess(decode_image(p.read_bytes())) for p in _demo_images().values()]
+    size = waste_setup(config_from_dict({}, "test")).image_size
+    assert model.card.inputs[0].shape == ["batch", 3, size, size]
+    xs = [preprocess(decode_image(p.read_bytes(), size), size) for p in _demo_images().values()]
     batch = model.run({"image": np.concatenate(xs)})[0]
     for i, x in enumerate(xs):
         np.testing.assert_allclose(model.run({"image": x})[0][0], batch[i], atol=1e-4)
@@ -302,6 +307,22 @@ def test_the_uncertainty_threshold_is_configurable(tmp_path: Path) -> None:
     assert answer["fraction"] is None
 
 
+def test_a_card_whose_input_is_not_a_square_image_is_refused_naming_it(tmp_path: Path) -> None:
+    text = CARD.read_text(encoding="utf-8")
+    side = load_card(CARD).inputs[0].shape[-1]
+    card = tmp_path / "wide.toml"
+    card.write_text(
+        text.replace(f'shape = ["batch", 3, {side}, {side}]', f'shape = ["batch", 3, {side}, 640]'),
+        encoding="utf-8",
+    )
+    (tmp_path / load_card(CARD).file).symlink_to(CARD.parent / load_card(CARD).file)
+    cfg = config_from_dict({"waste": {"card": str(card)}}, "test")
+    with pytest.raises(
+        ModelError, match=r"wide\.toml: inputs\[0\]\.shape: must be \[batch, 3, size, size\]"
+    ):
+        waste_setup(cfg)
+
+
 def test_a_missing_card_is_one_clear_error(tmp_path: Path) -> None:
     cfg = config_from_dict({"waste": {"card": str(tmp_path / "none.toml")}}, "test")
     err = io.StringIO()
@@ -353,3 +374,50 @@ def test_evaluation_on_the_unseen_sample_matches_the_documented_figures() -> Non
     assert evaluation.metrics["ece_calibrated"] < evaluation.metrics["ece_raw"]
     confusion = sum(evaluation.metrics[f"confusion_{label}_as_{label}"] for label in LABELS)
     assert confusion == 39
+
+
+# -- ensembles ----------------------------------------------------------------------------------
+
+
+def _tiny_classifier(path: Path, weight: np.ndarray, side: int) -> None:
+    """image [batch, 3, side, side] -> mean colour -> linear -> logits [batch, 6]."""
+    graph = onnx.helper.make_graph(
+        [
+            onnx.helper.make_node("ReduceMean", ["image"], ["pooled"], axes=[2, 3], keepdims=0),
+            onnx.helper.make_node("Gemm", ["pooled", "w", "b"], ["out"], transB=1),
+        ],
+        "tiny",
+        [onnx.helper.make_tensor_value_info("image", 1, ["batch", 3, side, side])],
+        [onnx.helper.make_tensor_value_info("out", 1, ["batch", len(LABELS)])],
+        [
+            onnx.numpy_helper.from_array(weight.astype(np.float32), "w"),
+            onnx.numpy_helper.from_array(np.arange(6, dtype=np.float32), "b"),
+        ],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+
+
+def test_merged_members_return_the_mean_of_their_logits_at_the_new_size(tmp_path: Path) -> None:
+    rng = np.random.default_rng(7)
+    weights = [rng.normal(size=(len(LABELS), 3)) for _ in range(2)]
+    members = [tmp_path / "a.onnx", tmp_path / "b.onnx"]
+    for path, weight in zip(members, weights, strict=True):
+        _tiny_classifier(path, weight, side=4)
+    merged = tmp_path / "merged.onnx"
+    merge_members(members, 8, merged)
+    session = ort.InferenceSession(str(merged), providers=["CPUExecutionProvider"])
+    (spec,) = session.get_inputs()
+    assert (spec.name, spec.shape) == ("image", ["batch", 3, 8, 8])
+    assert [o.name for o in session.get_outputs()] == ["logits"]
+    x = rng.normal(size=(2, 3, 8, 8)).astype(np.float32)
+    pooled = x.mean(axis=(2, 3))
+    expected = np.mean([pooled @ w.T + np.arange(6) for w in weights], axis=0)
+    np.testing.assert_allclose(session.run(None, {"image": x})[0], expected, rtol=1e-5, atol=1e-5)
+    single = tmp_path / "single.onnx"
+    merge_members(members[:1], 8, single)  # one member: only the input size changes
+    alone = ort.InferenceSession(str(single), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(
+        alone.run(None, {"image": x})[0], pooled @ weights[0].T + np.arange(6), rtol=1e-5, atol=1e-5
+    )

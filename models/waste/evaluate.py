@@ -23,15 +23,15 @@ import numpy as np
 from models.card import ModelCard, load_card
 from models.evaluation import Evaluation, EvaluationUnavailableError, Runner
 from models.waste.calibration import expected_calibration_error
-from models.waste.preprocess import LABELS, decode_image, preprocess, softmax
+from models.waste.preprocess import IMAGE_SIZE, LABELS, decode_image, preprocess, softmax
 
 __all__ = ["SAMPLE", "confusion_matrix", "evaluate_classifier", "load_sample"]
 
 SAMPLE = "trashnet-sample"
 
 
-def load_sample(data_dir: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """(files, model inputs [n, 3, 224, 224], label indices) of the evaluation sample."""
+def load_sample(data_dir: Path, size: int = IMAGE_SIZE) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(files, model inputs [n, 3, size, size], label indices) of the evaluation sample."""
     root = data_dir / SAMPLE
     if not (root / "labels.csv").is_file():
         raise EvaluationUnavailableError(f"{root}: the TrashNet evaluation sample is not here")
@@ -39,7 +39,7 @@ def load_sample(data_dir: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
     with (root / "labels.csv").open(newline="", encoding="utf-8") as fh:
         for row in csv.DictReader(fh):
             files.append(row["file"])
-            inputs.append(preprocess(decode_image((root / row["file"]).read_bytes())))
+            inputs.append(preprocess(decode_image((root / row["file"]).read_bytes(), size), size))
             labels.append(LABELS.index(row["label"]))
     return files, np.concatenate(inputs), np.asarray(labels, dtype=np.int64)
 
@@ -53,7 +53,8 @@ def confusion_matrix(predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
 
 def evaluate_classifier(run: Runner, card: ModelCard, data_dir: Path) -> Evaluation:
     """Score a waste classifier on the sample; EvaluationUnavailableError without it."""
-    _files, x, y = load_sample(data_dir)
+    side = card.inputs[0].shape[-1]
+    _files, x, y = load_sample(data_dir, side if isinstance(side, int) else IMAGE_SIZE)
     name = card.inputs[0].name
 
     def logits_of(inputs: np.ndarray) -> np.ndarray:

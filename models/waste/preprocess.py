@@ -91,33 +91,34 @@ def jpeg_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-def _reduction(width: int, height: int) -> int:
+def _reduction(width: int, height: int, size: int) -> int:
     # JPEG can decode at 1/2, 1/4 or 1/8 scale in the DCT domain, several times faster than a
     # full decode of a phone photo. Keep at least twice the model's input on the short side, so
     # the final area resize still averages over the pixels (and photos of the size the model
-    # was trained and evaluated on, up to 447 px short side, are decoded in full).
+    # was trained and evaluated on, 384 px short side, are decoded in full).
     for factor in (8, 4, 2):
-        if min(width, height) // factor >= 2 * IMAGE_SIZE:
+        if min(width, height) // factor >= 2 * size:
             return factor
     return 1
 
 
-def decode_image(data: bytes) -> np.ndarray:
+def decode_image(data: bytes, size: int = IMAGE_SIZE) -> np.ndarray:
     """JPEG or PNG bytes -> RGB uint8 [height, width, 3]; ImageDecodeError with the reason.
 
-    A large JPEG is decoded at a reduced scale (at least 448 px on its short side remain).
+    A large JPEG is decoded at a reduced scale: at least twice ``size`` (the model's input
+    side) remains on its short side.
     """
     kind = image_kind(data)
     if kind is None:
         raise ImageDecodeError("not a JPEG or PNG image (unknown file signature)")
-    size = _png_size(data) if kind == "png" else jpeg_size(data)
-    if size is None:
+    dims = _png_size(data) if kind == "png" else jpeg_size(data)
+    if dims is None:
         raise ImageDecodeError(f"truncated or malformed {kind.upper()} header")
-    if size[0] * size[1] > MAX_PIXELS:
+    if dims[0] * dims[1] > MAX_PIXELS:
         raise ImageDecodeError(
-            f"{kind.upper()} of {size[0]}x{size[1]} pixels is larger than allowed"
+            f"{kind.upper()} of {dims[0]}x{dims[1]} pixels is larger than allowed"
         )
-    factor = _reduction(*size) if kind == "jpeg" else 1
+    factor = _reduction(*dims, size) if kind == "jpeg" else 1
     buffer = np.frombuffer(data, dtype=np.uint8)
     bgr = cv2.imdecode(buffer, _REDUCED[factor] if factor > 1 else cv2.IMREAD_COLOR)
     if bgr is None or bgr.size == 0:
@@ -128,16 +129,16 @@ def decode_image(data: bytes) -> np.ndarray:
     return rgb
 
 
-def preprocess(rgb: np.ndarray) -> np.ndarray:
-    """RGB uint8 [h, w, 3] -> the model's input float32 [1, 3, 224, 224]."""
+def preprocess(rgb: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
+    """RGB uint8 [h, w, 3] -> the model's input float32 [1, 3, size, size] (the card's size)."""
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ImageDecodeError(f"expected an RGB image [h, w, 3] (got shape {rgb.shape})")
     h, w = rgb.shape[:2]
     # Area averaging when shrinking (no aliasing from a 12-megapixel phone photo), bilinear
     # when enlarging: the same choice the training script makes for its crops.
-    shrink = h >= IMAGE_SIZE and w >= IMAGE_SIZE
+    shrink = h >= size and w >= size
     interp = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
-    small = cv2.resize(rgb, (IMAGE_SIZE, IMAGE_SIZE), interpolation=interp)
+    small = cv2.resize(rgb, (size, size), interpolation=interp)
     x = (small.astype(np.float32) / 255.0 - _MEAN) / _STD
     return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
 

@@ -33,7 +33,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -49,6 +49,7 @@ from torch import Tensor, nn
 from models.card import ModelCard, TensorSpec, dump_card, load_card, sha256_file
 from models.quantize import quantize_model
 from models.waste.calibration import expected_calibration_error, fit_temperature, nll
+from models.waste.ensemble import merge_members
 from models.waste.preprocess import IMAGE_SIZE, LABELS, decode_image, preprocess, softmax
 
 __all__ = ["main"]
@@ -261,8 +262,8 @@ _MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 _STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
 
-def augment(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """One augmented training view -> float32 [3, 224, 224], normalised like preprocess()."""
+def augment(rgb: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
+    """One augmented training view -> float32 [3, size, size], normalised like preprocess()."""
     h, w = rgb.shape[:2]
     area = h * w
     for _ in range(10):
@@ -286,10 +287,10 @@ def augment(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     if rng.random() < 0.25:
         crop = np.rot90(crop, k=int(rng.integers(1, 4)))
     crop = np.ascontiguousarray(crop)
-    shrink = crop.shape[0] >= IMAGE_SIZE and crop.shape[1] >= IMAGE_SIZE
+    shrink = crop.shape[0] >= size and crop.shape[1] >= size
     small = cv2.resize(
         crop,
-        (IMAGE_SIZE, IMAGE_SIZE),
+        (size, size),
         interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR,
     ).astype(np.float32)
     # Colour jitter: brightness, contrast, saturation (+-25 %), a small hue-free tint.
@@ -310,9 +311,9 @@ def batches(n: int, size: int, rng: np.random.Generator | None) -> Iterator[np.n
         yield order[i : i + size]
 
 
-def plain_inputs(split: Split) -> np.ndarray:
-    """Every image of a split as the model takes it at inference, float32 [n, 3, 224, 224]."""
-    return np.concatenate([preprocess(img) for img in split.images])
+def plain_inputs(split: Split, size: int) -> np.ndarray:
+    """Every image of a split as the model takes it at inference, float32 [n, 3, size, size]."""
+    return np.concatenate([preprocess(img, size) for img in split.images])
 
 
 # -- training --------------------------------------------------------------------------------
@@ -354,8 +355,14 @@ def train(
     batch: int,
     lr: float,
     seed: int,
+    size: int,
+    checkpoint: Callable[[int, float], None] | None = None,
 ) -> dict[str, float]:
-    """Fine-tune the tail; keep the weights of the best validation epoch."""
+    """Fine-tune the tail; keep the weights of the best validation epoch.
+
+    ``checkpoint(epoch, val_accuracy)`` is called at every new best, with the model holding
+    that epoch's weights, so a long run that is stopped early still leaves its best result.
+    """
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     for p in model.backbone.parameters():
@@ -393,7 +400,8 @@ def train(
         model.train()
         seen, loss_sum, correct = 0, 0.0, 0
         for idx in batches(len(train_split.images), batch, rng):
-            xb = torch.from_numpy(np.stack([augment(train_split.images[i], rng) for i in idx]))
+            views = [augment(train_split.images[i], rng, size) for i in idx]
+            xb = torch.from_numpy(np.stack(views))
             yb = torch.from_numpy(train_split.labels[idx])
             with torch.no_grad():
                 h = model.trunk(xb)
@@ -418,6 +426,8 @@ def train(
             best = (val_acc, -val_nll)
             best_epoch = epoch + 1
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            if checkpoint is not None:
+                checkpoint(best_epoch, val_acc)
     model.load_state_dict(best_state)
     return {"val_top1_fp32_torch": best[0], "best_epoch": float(best_epoch)}
 
@@ -437,9 +447,9 @@ def load_onnx_weights(model: Classifier, path: Path) -> None:
 # -- export ----------------------------------------------------------------------------------
 
 
-def export_onnx(model: Classifier, path: Path) -> None:
+def export_onnx(model: Classifier, path: Path, size: int) -> None:
     model.eval()
-    dummy = torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE)
+    dummy = torch.zeros(1, 3, size, size)
     torch.onnx.export(
         model,
         (dummy,),
@@ -472,7 +482,9 @@ def _card(
     quantization: str,
     params: dict[str, float | int | str],
     metrics: dict[str, float | int | str],
-    train_from: int,
+    trained: str,
+    *,
+    size: int,
 ) -> ModelCard:
     return ModelCard(
         name=NAME,
@@ -480,9 +492,7 @@ def _card(
         task="classify_waste",
         file=file.name,
         sha256=sha256_file(file),
-        inputs=[
-            TensorSpec(name="image", shape=["batch", 3, IMAGE_SIZE, IMAGE_SIZE], dtype="float32")
-        ],
+        inputs=[TensorSpec(name="image", shape=["batch", 3, size, size], dtype="float32")],
         outputs=[TensorSpec(name="logits", shape=["batch", len(LABELS)], dtype="float32")],
         labels=list(LABELS),
         thresholds={"uncertain_below": 0.5},
@@ -496,7 +506,8 @@ def _card(
         ),
         training_data=(
             "TrashNet train split (1,764 images) for the weights, its validation split "
-            "(327 images) for the epoch, the mirror-view choice and the temperature; "
+            "(327 images) for the epoch, input size, members, mirror-view choice and the "
+            "temperature; "
             "../shared/data/trashnet-train"
         ),
         metrics=metrics,
@@ -504,13 +515,12 @@ def _card(
         description=(
             "Waste photo -> TrashNet class (cardboard, glass, metal, paper, plastic, trash). "
             "MobileNetV2 whose ImageNet weights were dequantised from the ONNX Model Zoo int8 "
-            f"model, blocks {train_from}-16 and a new head fine-tuned on TrashNet. Built by "
-            "models/waste/train.py."
+            f"model; {trained}. Built by models/waste/train.py."
         ),
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=HERE.parents[2] / "shared" / "data")
     parser.add_argument("--out", type=Path, default=HERE)
@@ -518,6 +528,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--train-from-block", type=int, default=DEFAULT_TRAIN_FROM_BLOCK)
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=IMAGE_SIZE,
+        help="square model input in pixels (the card records it; the service resizes to it)",
+    )
     parser.add_argument("--limit", type=int, default=0, help="use only N training images (smoke)")
     parser.add_argument(
         "--init-fp32",
@@ -526,11 +542,23 @@ def main(argv: list[str] | None = None) -> int:
         help="start from the weights of an exported fp32 classifier (a second, longer stage)",
     )
     parser.add_argument(
+        "--members",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="skip training: merge these exported fp32 classifiers (each with its .toml card) "
+        "into one averaging their logits at --image-size, then quantise and calibrate it",
+    )
+    parser.add_argument(
         "--from-fp32",
         action="store_true",
         help="skip training: quantise, calibrate and write the cards from OUT/classifier.fp32.onnx",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     torch.manual_seed(SEED)
     root = args.data / "trashnet-train"
@@ -548,23 +576,33 @@ def main(argv: list[str] | None = None) -> int:
             [train_split.files[i] for i in keep],
         )
     _say(f"train {len(train_split.images)} images, val {len(val_split.images)}")
-    val_x = plain_inputs(val_split)
+    size = args.image_size
+    val_x = plain_inputs(val_split, size)
     fp32 = args.out / "classifier.fp32.onnx"
-    if args.from_fp32:
-        best_epoch = int(load_card(args.out / "classifier.fp32.toml").metrics["best_epoch"])
-        return finish(
-            fp32,
-            train_split,
-            val_split,
-            val_x,
-            best_epoch=best_epoch,
-            train_from=args.train_from_block,
+    trained = (
+        f"blocks {args.train_from_block}-16 and a new head fine-tuned on TrashNet at "
+        f"{size} x {size} px"
+    )
+    if args.members:
+        # Several exported classifiers (each trained by this script) as one file whose logits
+        # are their mean, run at this input size.
+        args.out.mkdir(parents=True, exist_ok=True)
+        merge_members(args.members, size, fp32)
+        cards = [load_card(m.with_suffix(".toml")) for m in args.members]
+        trained = f"{len(cards)} such networks in one graph, logits averaged: " + "; ".join(
+            c.description.split("; ", 1)[1].split(". Built")[0] for c in cards
         )
+        epochs = ",".join(str(c.metrics["best_epoch"]) for c in cards)
+        return finish(fp32, train_split, val_split, val_x, best_epoch=epochs, trained=trained)
+    if args.from_fp32:
+        epoch = load_card(args.out / "classifier.fp32.toml").metrics["best_epoch"]
+        best_epoch = epoch if isinstance(epoch, str) else int(epoch)
+        return finish(fp32, train_split, val_split, val_x, best_epoch=best_epoch, trained=trained)
     backbone = Backbone(backbone_path)
     corr = check_backbone(
         backbone,
         backbone_path,
-        plain_inputs(Split(train_split.images[:16], train_split.labels[:16], [])),
+        plain_inputs(Split(train_split.images[:16], train_split.labels[:16], []), IMAGE_SIZE),
     )
     if corr < 0.98:
         _say("the rebuilt backbone does not reproduce the ONNX model", err=True)
@@ -572,6 +610,20 @@ def main(argv: list[str] | None = None) -> int:
     model = Classifier(backbone, backbone.block_start(args.train_from_block))
     if args.init_fp32 is not None:
         load_onnx_weights(model, args.init_fp32)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def checkpoint(epoch: int, val_accuracy: float) -> None:
+        # The best weights so far, exported with a minimal card: `--from-fp32` finishes from
+        # them if the run is stopped before its last epoch.
+        export_onnx(model, fp32, size)
+        metrics: dict[str, float | int | str] = {
+            "best_epoch": epoch,
+            "val_top1_fp32_torch": round(val_accuracy, 4),
+        }
+        card = _card(fp32, "none", {"image_size": size}, metrics, trained, size=size)
+        (args.out / "classifier.fp32.toml").write_text(dump_card(card), encoding="utf-8")
+        _say(f"checkpoint: epoch {epoch} -> {fp32}")
+
     fit = train(
         model,
         train_split,
@@ -581,9 +633,10 @@ def main(argv: list[str] | None = None) -> int:
         batch=args.batch,
         lr=args.lr,
         seed=SEED,
+        size=size,
+        checkpoint=checkpoint,
     )
-    args.out.mkdir(parents=True, exist_ok=True)
-    export_onnx(model, fp32)
+    export_onnx(model, fp32, size)
     torch_val = logits_of(model, val_x)
     gap = np.abs(ort_logits(fp32, val_x) - torch_val).max()
     _say(f"export check: max |onnx - torch| logit {gap:.2e}")
@@ -593,7 +646,7 @@ def main(argv: list[str] | None = None) -> int:
         val_split,
         val_x,
         best_epoch=int(fit["best_epoch"]),
-        train_from=args.train_from_block,
+        trained=trained,
     )
 
 
@@ -603,15 +656,16 @@ def finish(
     val_split: Split,
     val_x: np.ndarray,
     *,
-    best_epoch: int,
-    train_from: int,
+    best_epoch: int | str,
+    trained: str,
 ) -> int:
     """int8, test-time augmentation choice, temperature, cards: everything after training."""
     out = fp32.parent
+    size = int(val_x.shape[-1])
     val_fp32 = ort_logits(fp32, val_x)
     # Calibration set: 256 training images as inference sees them (no augmentation).
     calib_idx = np.random.default_rng(SEED + 1).permutation(len(train_split.images))[:256]
-    calib = [preprocess(train_split.images[i]) for i in calib_idx]
+    calib = [preprocess(train_split.images[i], size) for i in calib_idx]
     int8 = out / "classifier.int8.onnx"
     quantize_model(fp32, int8, calibration=({"image": x} for x in calib), method="static")
     y = val_split.labels
@@ -646,7 +700,7 @@ def finish(
     params: dict[str, float | int | str] = {
         "temperature": round(temperature, 4),
         "tta": tta,
-        "image_size": IMAGE_SIZE,
+        "image_size": size,
         "mean": "0.485,0.456,0.406",
         "std": "0.229,0.224,0.225",
     }
@@ -655,10 +709,11 @@ def finish(
         "none",
         {**params, "temperature": round(temperature_fp32, 4)},
         metrics,
-        train_from,
+        trained,
+        size=size,
     )
     (out / "classifier.fp32.toml").write_text(dump_card(fp32_card), encoding="utf-8")
-    card = _card(int8, "int8-qdq-static", params, metrics, train_from)
+    card = _card(int8, "int8-qdq-static", params, metrics, trained, size=size)
     (out / "classifier.toml").write_text(dump_card(card), encoding="utf-8")
     _say(
         f"wrote {int8} ({int8.stat().st_size / 1e6:.2f} MB), {fp32} "

@@ -23,8 +23,8 @@ from structlog.testing import capture_logs
 
 from gateway.app import Gateway
 from gateway.config import config_from_dict
+from gateway.waste import prepare, waste_setup
 from gateway.wire import Encoding, decode
-from models.waste.preprocess import decode_image, preprocess
 from tests.integration.helpers import mqtt_config
 from tests.support.mosquitto import Mosquitto, Recorder
 from tests.support.privacy import (
@@ -50,7 +50,9 @@ def _needles(photo: bytes) -> list[bytes]:
     for shift in range(3):  # base64 of a copy that starts anywhere
         b64 = base64.b64encode(photo[shift:])
         needles += [b64[i : i + 24] for i in range(0, len(b64) - 24, 12)]
-    tensor = preprocess(decode_image(photo)).tobytes()
+    # The shipped model's input, at the size its card declares.
+    size = waste_setup(config_from_dict({}, "test")).image_size
+    tensor = prepare(photo, size=size).tobytes()
     needles += [tensor[i : i + 64] for i in range(0, len(tensor) - 64, 4096)]
     return needles
 
