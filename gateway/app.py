@@ -21,15 +21,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
-from drivers.ascii_lines import AsciiLineSource, FieldSpec, Framing, LineParser
 from drivers.chirpstack import BrokerSettings, Catalog, ChirpStackSource, DeviceRule
 from drivers.codecs import get_codec
-from drivers.jsworker import JsWorker
 from drivers.lorawan import Codec, FieldMap, Profile, WaterLevel
-from drivers.modbus import ModbusRegister, ModbusRtuSource, ModbusSlave
 from drivers.mqtt_intake import MQTT_5, MQTT_311
 from drivers.replay import ReplaySource
-from drivers.sdi12 import Sdi12Sensor, Sdi12Source, Sdi12Value
 from drivers.serial_port import SerialSettings, SerialSource
 from gateway import __version__
 from gateway.commands import Commands, downlink_command, ping
@@ -55,6 +51,8 @@ from gateway.waste_config import ImageInboxSourceConfig
 from gateway.wire import Encoding
 
 if TYPE_CHECKING:
+    from drivers.ascii_lines import LineParser
+    from drivers.modbus import ModbusSlave
     from gateway.analyzers.pool_runtime import PoolMonitor
     from gateway.analyzers.runtime import Analyzers
     from gateway.inference import InferenceEngine
@@ -136,6 +134,8 @@ def build_profile(name: str, cfg: ProfileConfig, workers: Workers | None = None)
         path = Path(cfg.codec[3:])
         if workers is None:
             raise ValueError(f"profile {name}: a JavaScript codec needs an owner for its worker")
+        from drivers.jsworker import JsWorker  # noqa: PLC0415  # only when configured
+
         js = workers.enter_context(JsWorker(path.read_text("utf-8"), str(path)))
 
         def run_js(fport: int, payload: bytes) -> dict[str, Any]:
@@ -249,6 +249,8 @@ def serial_settings(
 
 def line_parser(cfg: SerialAsciiSourceConfig) -> LineParser:
     """The parser of a serial_ascii source (the source and ``serial probe --source`` share it)."""
+    from drivers.ascii_lines import FieldSpec, LineParser  # noqa: PLC0415
+
     return LineParser(
         [FieldSpec(f.key, f.name, f.unit, f.scale, f.offset) for f in cfg.fields],
         format=cfg.format,
@@ -261,6 +263,8 @@ def line_parser(cfg: SerialAsciiSourceConfig) -> LineParser:
 
 def modbus_slaves(cfg: ModbusRtuSourceConfig) -> list[ModbusSlave]:
     """The driver's view of a modbus_rtu source's slaves (field names match one to one)."""
+    from drivers.modbus import ModbusRegister, ModbusSlave  # noqa: PLC0415
+
     return [
         ModbusSlave(
             device_id=s.device_id,
@@ -278,8 +282,14 @@ def modbus_slaves(cfg: ModbusRtuSourceConfig) -> list[ModbusSlave]:
 def build_serial_source(
     cfg: SerialAsciiSourceConfig | ModbusRtuSourceConfig | Sdi12SourceConfig,
 ) -> Source:
-    """Serial sources: ASCII lines, Modbus RTU, SDI-12 (one branch per type)."""
+    """Serial sources: ASCII lines, Modbus RTU, SDI-12 (one branch per type).
+
+    Each driver is imported here, when a source of its type is configured: a gateway that reads
+    only ChirpStack does not carry pymodbus and the others (2-3 MB of RSS on a Pi-class board).
+    """
     if isinstance(cfg, SerialAsciiSourceConfig):
+        from drivers.ascii_lines import AsciiLineSource, Framing  # noqa: PLC0415
+
         source = AsciiLineSource(
             cfg.name,
             cfg.device or cfg.name,
@@ -291,11 +301,15 @@ def build_serial_source(
         )
         return Source(cfg.name, source)
     if isinstance(cfg, ModbusRtuSourceConfig):
+        from drivers.modbus import ModbusRtuSource  # noqa: PLC0415
+
         try:
             modbus = ModbusRtuSource(cfg.name, serial_settings(cfg), modbus_slaves(cfg))
         except ValueError as exc:
             raise ConfigError(f"sources.{cfg.name}", [str(exc)]) from exc
         return Source(cfg.name, modbus)
+    from drivers.sdi12 import Sdi12Sensor, Sdi12Source, Sdi12Value  # noqa: PLC0415
+
     sensors = [
         Sdi12Sensor(
             address=s.address,

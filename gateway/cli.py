@@ -17,10 +17,9 @@ from typing import Any
 
 import structlog
 
-from drivers.ascii_lines import AsciiLineSource
+from drivers.serial_port import SerialSource
 from gateway import __version__
 from gateway.app import EXIT_CONFIG, EXIT_OK, EXIT_SOFTWARE, Gateway
-from gateway.codec_cli import add_codec_parser
 from gateway.config import (
     DEFAULT_CONFIG_PATH,
     GatewayConfig,
@@ -32,7 +31,6 @@ from gateway.demo import flood, pool, weather_station
 from gateway.errors import ConfigError, GatewayError, TerminalUplinkError
 from gateway.logs import configure_logging
 from gateway.render import render_config, render_example
-from gateway.serial_cli import add_serial_parser
 
 log = structlog.get_logger(__name__)
 
@@ -228,7 +226,7 @@ async def _weather_station(
         async with asyncio.timeout(_DEMO_SERIAL_TIMEOUT_S):
             await gateway.ready.wait()
             source = gateway.source(weather_station.SOURCE_NAME)
-            assert isinstance(source, AsciiLineSource)
+            assert isinstance(source, SerialSource)
             await source.port.opened.wait()
     except TimeoutError:
         if not run.done():
@@ -323,10 +321,20 @@ def cmd_version(_args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# Commands whose modules load numpy and onnxruntime (~40 MB): imported only when chosen, so
-# `edge-gateway run` of a gateway without models stays small. Others get a placeholder that
-# only lists the command in --help.
+# Commands whose modules load what `edge-gateway run` does not need (numpy and onnxruntime,
+# ~40 MB; the JavaScript and serial tools, ~2 MB): imported only when chosen, so the daemon stays
+# small. Others get a placeholder that only lists the command in --help.
 _HEAVY_COMMANDS = {
+    "codec": (
+        "gateway.codec_cli",
+        "add_codec_parser",
+        "run a payload codec over JSON lines (see codec run -h)",
+    ),
+    "serial": (
+        "gateway.serial_cli",
+        "add_serial_parser",
+        "serial sensors: probe a port on site",
+    ),
     "models": (
         "gateway.models_cli",
         "add_models_parser",
@@ -387,8 +395,6 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     demo.add_argument("--state-dir", type=Path, default=None, help="keep the outbox here")
     demo.set_defaults(func=cmd_demo)
 
-    add_codec_parser(sub)
-    add_serial_parser(sub)
     _add_heavy(sub, argv)
 
     version = sub.add_parser("version", help="print the version")

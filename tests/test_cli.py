@@ -391,3 +391,34 @@ def test_usage_errors_exit_2_without_traceback(tmp_path: Path, args: list[str]) 
     assert result.returncode == 2
     assert "usage: edge-gateway" in result.stderr
     assert_no_traceback(result)
+
+
+def test_the_daemon_imports_only_the_drivers_its_config_names() -> None:
+    # RSS on a Pi-class board: numpy + onnxruntime are ~40 MB, pymodbus, the SDI-12 and serial
+    # tools and the JavaScript worker's client ~2.5 MB; a ChirpStack-only gateway loads none.
+    code = (
+        "import sys\n"
+        "from gateway.app import Gateway\n"
+        "from gateway.cli import build_parser\n"
+        "from gateway.config import config_from_dict\n"
+        "build_parser(['run'])\n"
+        "cfg = {'sources': [{'type': 'chirpstack', 'name': 'lorawan', 'port': 1883}]}\n"
+        "Gateway(config_from_dict(cfg, 'test'), {})\n"
+        "print(' '.join(sorted(sys.modules)))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        cwd=Path(__file__).parent.parent,
+        timeout=60,
+        check=True,
+    )
+    loaded = set(done.stdout.split())
+    assert "drivers.chirpstack" in loaded
+    unwanted = {
+        "numpy", "onnxruntime", "cv2", "pymodbus", "quickjs", "drivers.modbus", "drivers.sdi12",
+        "drivers.jsworker", "drivers.jscodec", "gateway.codec_cli", "gateway.serial_cli",
+    }  # fmt: skip
+    assert loaded & unwanted == set()
