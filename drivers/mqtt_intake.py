@@ -36,6 +36,7 @@ import contextlib
 import socket
 import ssl
 import struct
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -208,6 +209,12 @@ class _Protocol(asyncio.Protocol):
         self.unacked_bytes = 0
         self._acks = bytearray()
         self._ack_scheduled = False
+        # QoS 1 packet ids in the order their PUBLISHes arrived, and acknowledgements that came
+        # before an earlier message's: PUBACKs go out in receive order (MQTT-4.6.0-2), while the
+        # consumer acknowledges a malformed or duplicate message at once and a good one only
+        # after its commit.
+        self._arrived: deque[int] = deque()
+        self._early: dict[int, int] = {}
         self.connack: asyncio.Future[tuple[int, bool]] = self._loop.create_future()
         # Requests we sent, by packet id: SUBACK (granted QoS list) or PUBACK (None).
         self.pending: dict[int, asyncio.Future[bytes]] = {}
@@ -261,6 +268,7 @@ class _Protocol(asyncio.Protocol):
             # Also when a packet was incomplete or broken: what reached ``ready`` is counted.
             if len(ready) > before:
                 new = [m for m in ready[before:] if m.qos]
+                self._arrived.extend(m.packet_id for m in new)
                 self.unacked += len(new)
                 self.unacked_bytes += sum(len(m.payload) for m in new)
                 if self._waiter is not None and not self._waiter.done():
@@ -406,9 +414,21 @@ class _Protocol(asyncio.Protocol):
             # The session is gone: the broker redelivers, and stable event ids make that a
             # duplicate receivers drop.
             return
-        self._acks += puback(packet_id)
-        self.unacked -= 1
         self.unacked_bytes -= size
+        arrived = self._arrived
+        if arrived and arrived[0] != packet_id and packet_id in arrived:
+            # An earlier message is still being committed: this PUBACK waits for that one.
+            self._early[packet_id] = self._early.get(packet_id, 0) + 1
+            return
+        self._send_ack(packet_id)
+        early = self._early
+        while early and arrived and arrived[0] in early:
+            head = arrived[0]
+            if early[head] == 1:
+                del early[head]
+            else:
+                early[head] -= 1
+            self._send_ack(head)
         if (
             self._paused
             and self.unacked <= self._max_unacked // 2
@@ -420,6 +440,12 @@ class _Protocol(asyncio.Protocol):
         if not self._ack_scheduled:
             self._ack_scheduled = True
             self._loop.call_soon(self._flush_acks)
+
+    def _send_ack(self, packet_id: int) -> None:
+        if self._arrived and self._arrived[0] == packet_id:
+            self._arrived.popleft()
+        self._acks += puback(packet_id)
+        self.unacked -= 1
 
     def _flush_acks(self) -> None:
         self._ack_scheduled = False

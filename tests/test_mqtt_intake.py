@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import random
 import socket
 import ssl
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -455,9 +456,11 @@ async def test_unacked_messages_come_back_after_reconnect_and_acked_ones_do_not(
             await pub.publish("t/ack", payload, qos=1)
         first = await collect(intake, len(sent), ack=False)
         assert [m.payload for m in first] == sent
-        for message in first[::2]:
-            intake.acker(message)()
-        assert intake.unacked == 5
+        # m5 and m2 out of order, m3 never: PUBACKs leave in receive order (MQTT-4.6.0-2), so
+        # m0-m2 go out and m5's waits behind m3's.
+        for i in (1, 5, 2, 0):
+            intake.acker(first[i])()
+        assert intake.unacked == 7
         # Acks given right before close() must still reach the broker ahead of DISCONNECT.
         await intake.close()
 
@@ -472,10 +475,10 @@ async def test_unacked_messages_come_back_after_reconnect_and_acked_ones_do_not(
             again = await collect_until(intake, b"marker")
         finally:
             await intake.close()
-    unacked = first[1::2]
-    # Redelivered (DUP) with the same packet identifiers, as MQTT-4.4.0-1 requires.
+    # Redelivered (DUP) with the same packet identifiers, as MQTT-4.4.0-1 requires: m3 and
+    # everything after it, m5 too (its PUBACK was still waiting for m3's).
     assert [(m.payload, m.packet_id) for m in again[:-1]] == [
-        (m.payload, m.packet_id) for m in unacked
+        (m.payload, m.packet_id) for m in first[3:]
     ]
 
 
@@ -946,6 +949,30 @@ async def test_acks_of_one_loop_iteration_go_out_in_one_write() -> None:
     await asyncio.sleep(0)  # one loop iteration: the coalesced flush runs
     assert transport.written == [b"\x40\x02\x00\x05\x40\x02\x00\x06\x40\x02\x12\x34"]
     assert protocol.unacked == 0
+
+
+async def test_pubacks_leave_in_the_order_the_messages_arrived() -> None:
+    # MQTT-4.6.0-2: the consumer acknowledges out of order (a malformed or duplicate message at
+    # once, good ones after their commit); the wire sees receive order, each id exactly once.
+    ids = list(range(1, 41))
+    for seed in range(20):
+        order = ids[:]
+        random.Random(seed).shuffle(order)
+        protocol, transport = attached(max_unacked=100)
+        protocol.data_received(b"".join(publish_packet("t", b"pp", 1, pid) for pid in ids))
+        assert protocol.unacked == 40
+        for n, packet_id in enumerate(order, start=1):
+            protocol.ack(packet_id, 2)
+            protocol._flush_acks()
+            wire = b"".join(transport.written)
+            acked = [int.from_bytes(wire[i + 2 : i + 4], "big") for i in range(0, len(wire), 4)]
+            # Exactly the longest prefix of the arrivals that has been acknowledged.
+            done = set(order[:n])
+            prefix = next((i for i in ids if i not in done), 41) - 1
+            assert acked == ids[:prefix]
+            assert protocol.unacked == 40 - prefix
+            # Their payloads are the consumer's to free: the byte budget counts them gone.
+            assert protocol.unacked_bytes == 2 * (40 - n)
 
 
 async def test_reading_pauses_at_the_window_and_resumes_at_half() -> None:
