@@ -58,6 +58,10 @@ _DISCONNECT = b"\xe0\x00"
 # the module docstring). Any other packet that large is a broken peer and fails the session.
 MAX_PACKET_BYTES = 1 << 20
 
+# How long the oldest unacknowledged message may wait before the session is ended (see connect):
+# the consumer acknowledges within milliseconds of its commit, so a minute means it never will.
+DEFAULT_ACK_STALL_S = 60.0
+
 # Payload bytes received and not yet acknowledged before reading pauses (with max_unacked).
 DEFAULT_MAX_UNACKED_BYTES = 16 * 1024 * 1024
 
@@ -215,6 +219,8 @@ class _Protocol(asyncio.Protocol):
         # after its commit.
         self._arrived: deque[int] = deque()
         self._early: dict[int, int] = {}
+        # When the oldest unacknowledged message became the oldest (see stalled_s).
+        self._head_since = 0.0
         self.connack: asyncio.Future[tuple[int, bool]] = self._loop.create_future()
         # Requests we sent, by packet id: SUBACK (granted QoS list) or PUBACK (None).
         self.pending: dict[int, asyncio.Future[bytes]] = {}
@@ -268,6 +274,8 @@ class _Protocol(asyncio.Protocol):
             # Also when a packet was incomplete or broken: what reached ``ready`` is counted.
             if len(ready) > before:
                 new = [m for m in ready[before:] if m.qos]
+                if new and not self._arrived:
+                    self._head_since = self._loop.time()
                 self._arrived.extend(m.packet_id for m in new)
                 self.unacked += len(new)
                 self.unacked_bytes += sum(len(m.payload) for m in new)
@@ -441,9 +449,14 @@ class _Protocol(asyncio.Protocol):
             self._ack_scheduled = True
             self._loop.call_soon(self._flush_acks)
 
+    def stalled_s(self, now: float) -> float:
+        """How long the oldest unacknowledged message has been waiting (0 when none waits)."""
+        return now - self._head_since if self._arrived else 0.0
+
     def _send_ack(self, packet_id: int) -> None:
         if self._arrived and self._arrived[0] == packet_id:
             self._arrived.popleft()
+            self._head_since = self._loop.time()
         self._acks += puback(packet_id)
         self.unacked -= 1
 
@@ -573,9 +586,16 @@ def _server_keepalive(body: bytes, pos: int) -> int | None:
 class MqttIntake:
     """One connected session; create with :meth:`connect`, end with :meth:`close`."""
 
-    def __init__(self, protocol: _Protocol, keepalive_s: int, session_present: bool) -> None:
+    def __init__(
+        self,
+        protocol: _Protocol,
+        keepalive_s: int,
+        session_present: bool,
+        ack_stall_s: float = DEFAULT_ACK_STALL_S,
+    ) -> None:
         self._protocol = protocol
         self._keepalive_s = keepalive_s
+        self._ack_stall_s = ack_stall_s
         self.session_present = session_present
         self._next_id = 0
         self._pinger = asyncio.create_task(self._keepalive(), name="mqtt-intake-keepalive")
@@ -595,6 +615,7 @@ class MqttIntake:
         max_unacked: int = 2000,
         max_unacked_bytes: int = DEFAULT_MAX_UNACKED_BYTES,
         max_packet_bytes: int = MAX_PACKET_BYTES,
+        ack_stall_s: float = DEFAULT_ACK_STALL_S,
         timeout_s: float = 10.0,
         version: int = MQTT_5,
         session_expiry_s: int = 0xFFFFFFFF,
@@ -605,6 +626,10 @@ class MqttIntake:
         keeps that many messages in flight to it instead of its own ``max_inflight_messages``
         (mosquitto's default, 20, made the commit round trip the ceiling: 20 uplinks per
         fsync). A PUBLISH over ``max_packet_bytes`` arrives ``oversized`` (module docstring).
+        When the oldest unacknowledged message has waited ``ack_stall_s`` (0: never) the session
+        ends with an :class:`MqttIntakeError`: PUBACKs leave in receive order, so one message
+        the consumer never settles would hold every later one, the window would fill and
+        reading would stop for good; a new session gets all of them delivered again.
         A kept session (``clean_session=False``) lives ``session_expiry_s`` at the
         broker (MQTT 5 ends it at disconnect unless told otherwise; 0xFFFFFFFF: never).
         """
@@ -647,7 +672,7 @@ class MqttIntake:
             raise MqttRefusedError(rc)
         # MQTT 5: the broker may impose its own keepalive (Server Keep Alive), which then rules.
         keepalive_s = protocol.server_keepalive_s or keepalive_s
-        return cls(protocol, keepalive_s, session_present)
+        return cls(protocol, keepalive_s, session_present, ack_stall_s)
 
     def _packet_id(self) -> int:
         # 1..65535, skipping ids still waiting for their acknowledgement.
@@ -718,15 +743,32 @@ class MqttIntake:
         return self._protocol.unacked
 
     async def _keepalive(self) -> None:
-        if self._keepalive_s <= 0:
+        """PINGREQ every half keepalive, and the two watchdogs: broker silence, stalled acks."""
+        keepalive_s, stall_s = self._keepalive_s, self._ack_stall_s
+        periods = [p for p in (keepalive_s / 2, stall_s / 4) if p > 0]
+        if not periods:
             return
         protocol = self._protocol
+        loop = asyncio.get_running_loop()
+        next_ping = loop.time() + keepalive_s / 2
         while True:
-            await asyncio.sleep(self._keepalive_s / 2)
+            await asyncio.sleep(min(periods))
+            now = loop.time()
+            waited = protocol.stalled_s(now)
+            if stall_s > 0 and waited > stall_s:
+                protocol.abort(
+                    f"the oldest of {protocol.unacked} unacknowledged messages waited"
+                    f" {waited:.0f} s for its acknowledgement (limit {stall_s:g} s); a new"
+                    " session gets them delivered again"
+                )
+                return
+            if keepalive_s <= 0 or now < next_ping:
+                continue
+            next_ping = now + keepalive_s / 2
             # The broker answers every PINGREQ; silence for a whole keepalive means the link is
             # dead even if TCP has not noticed (a pulled cable keeps a socket "open" for hours).
-            if asyncio.get_running_loop().time() - protocol.last_received > self._keepalive_s:
-                protocol.abort(f"no packet from the broker for {self._keepalive_s} s")
+            if now - protocol.last_received > keepalive_s:
+                protocol.abort(f"no packet from the broker for {keepalive_s} s")
                 return
             with contextlib.suppress(MqttIntakeError):
                 protocol.send(_PINGREQ)

@@ -5,7 +5,9 @@ event here; analyzers plug in at that point) or an already-made :class:`Event` (
 events). One task takes whatever has queued up and stores it with one ``put_many``, so a burst
 costs one commit, not one per item. An optional ``on_stored`` callback runs once the item's event
 is committed: the ChirpStack source acknowledges the broker's message only then, so a crash
-between receipt and commit loses nothing.
+between receipt and commit loses nothing. It also runs for an item the ``drop_oldest`` policy
+evicts: dropping is what that policy was chosen for, and an input never settled would hold its
+source's acknowledgements (they leave in order) until the session ends.
 
 The task does not wait for one group's commit before handing over the next: groups that arrive
 while the outbox lingers or commits join its next commit (the outbox never splits a group), and
@@ -71,12 +73,14 @@ class Pipeline:
     async def submit(self, item: Reading | Event, on_stored: OnStored | None = None) -> None:
         """Hand an item over; waits (block) or evicts the oldest (drop_oldest) when full.
 
-        An item evicted by drop_oldest never calls its ``on_stored``.
+        An item evicted by drop_oldest is settled: its ``on_stored`` runs, without a commit.
         """
         if self._cfg.overflow == "drop_oldest" and self._queue.full():
             with contextlib.suppress(asyncio.QueueEmpty):
-                self._queue.get_nowait()
+                evicted = self._queue.get_nowait()
                 self._metrics.inc("readings_dropped_queue_full")
+                if evicted is not None and evicted.on_stored is not None:
+                    evicted.on_stored()
         await self._queue.put(_Item(item, on_stored))
         # Counted once queued: a source cancelled while blocked on a full queue handed nothing in.
         self._metrics.inc("readings_in" if isinstance(item, Reading) else "source_events_in")

@@ -482,6 +482,33 @@ async def test_unacked_messages_come_back_after_reconnect_and_acked_ones_do_not(
     ]
 
 
+async def test_a_message_never_acknowledged_ends_the_session_and_comes_back(
+    mosquitto: Mosquitto, version: int
+) -> None:
+    # The consumer settles m1 and m2 but never m0 (a bug, an outbox that cannot commit): with
+    # PUBACKs in receive order nothing would ever leave again. The watchdog ends the session
+    # and the next one gets all three.
+    intake = await connected(mosquitto.port, "staller", version=version, ack_stall_s=0.5)
+    async with publisher(mosquitto.port) as pub:
+        for i in range(3):
+            await pub.publish("t/stall", f"m{i}".encode(), qos=1)
+        first = await collect(intake, 3, ack=False)
+        for message in first[1:]:
+            intake.acker(message)()
+        with pytest.raises(MqttIntakeError, match=r"the oldest of 3 unacknowledged messages waite"):
+            async with asyncio.timeout(GUARD_S):
+                while True:
+                    await intake.batch()
+        await intake.close()
+        intake = await open_intake(mosquitto.port, "staller", clean_session=False, version=version)
+        try:
+            await pub.publish("t/stall", b"marker", qos=1)
+            again = await collect_until(intake, b"marker")
+        finally:
+            await intake.close()
+    assert [m.payload for m in again] == [b"m0", b"m1", b"m2", b"marker"]
+
+
 @broker
 async def test_reading_pauses_beyond_max_unacked_and_resumes_after_acks(
     tmp_path: Path, version: int

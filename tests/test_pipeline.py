@@ -43,11 +43,15 @@ async def test_drop_oldest_keeps_the_newest_and_counts(tmp_path: Path) -> None:
     metrics = Metrics()
     async with Outbox(tmp_path / "o.db", OutboxSection()) as outbox:
         pipeline = Pipeline(PipelineSection(queue_max=5, overflow="drop_oldest"), outbox, metrics)
+        settled: list[int] = []
         # The consumer is not running yet, so the queue overflows.
         for i in range(12):
-            await pipeline.submit(_reading(i))
+            await pipeline.submit(_reading(i), lambda i=i: settled.append(i))
         assert metrics.counters["readings_dropped_queue_full"] == 7
+        # The evicted are settled at once (a source acknowledges them: dropping is the policy).
+        assert settled == list(range(7))
         runner = asyncio.create_task(pipeline.run())
         await pipeline.close()
         await asyncio.wait_for(runner, 10)
         assert await _drain(outbox) == list(range(7, 12))
+        assert settled == list(range(12))
