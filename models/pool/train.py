@@ -20,6 +20,13 @@ How (reproducible, CPU only, about half an hour on one core):
 4. int8: static QDQ (models/quantize.py) calibrated on 128 training images. The score
    threshold is the one on ``valid`` where min(precision, recall) of the int8 model is highest.
 
+Stage 2 (``--stage2 FP32``) fine-tunes neck and head of the stage-1 model from cached backbone
+features (``torch_graph.py`` runs that part of the ONNX graph in torch). Stage 3 (``--stage3
+FP32``) fine-tunes the whole network, backbone included, of the stage-2 model on the training
+images augmented afresh at every step (random scale and crop around the plain resize, mirror,
+colour jitter): nothing can be cached, so each step runs the full graph in torch; every epoch is
+checkpointed and ``--checkpoint`` exports a saved one.
+
 Nothing here reads ``pool-swimmers-drowning-sample``: that is the evaluation set
 (``models/pool/evaluate.py``).
 """
@@ -30,7 +37,7 @@ import argparse
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -458,6 +465,10 @@ def _batch(features: FeatureSet, idx: np.ndarray) -> tuple[list[torch.Tensor], l
     return feats, truths
 
 
+# Training samples by index -> (model inputs, boxes in input pixels per sample).
+BatchFn = Callable[[np.ndarray], tuple[list[torch.Tensor], list[torch.Tensor]]]
+
+
 def head_outputs(head: nn.Module, features: FeatureSet, batch: int = 32) -> list[list[np.ndarray]]:
     """Per image the model's outputs as the ONNX model gives them (scores per stride, then
     distributions per stride), from the torch head."""
@@ -640,39 +651,61 @@ def train_head(
     """Fine-tune PicoDet's head on the training features; the epoch with the best valid AP50."""
     head = Head()
     init_from_picodet(head, onnx.load(str(picodet)).graph)
-    best_epoch = fit(head, train, valid, epochs=epochs, batch=batch, lr=lr)
+    best_epoch = fit(
+        head,
+        len(train.boxes),
+        lambda idx: _batch(train, idx),
+        valid,
+        epochs=epochs,
+        batch=batch,
+        lr=lr,
+    )
     return head, best_epoch
 
 
 def fit(
-    head: nn.Module, train: FeatureSet, valid: FeatureSet, *, epochs: int, batch: int, lr: float
+    head: nn.Module,
+    train_size: int,
+    train_batch: BatchFn,
+    valid: FeatureSet,
+    *,
+    epochs: int,
+    batch: int,
+    lr: float,
+    checkpoints: Path | None = None,
 ) -> int:
-    """Train ``head`` (features -> score logits, distributions); keep the best valid AP50.
+    """Train ``head`` (inputs -> score logits, distributions); keep the best valid AP50.
 
-    Returns the chosen epoch (0: the starting weights were best).
+    ``train_batch`` gives the inputs and boxes of training samples by index (``train_size`` of
+    them). With ``checkpoints``, every epoch's weights are saved there (``epochNN.pt``) with its
+    valid figures, so that a result exists if training is stopped early. Returns the chosen
+    epoch (0: the starting weights were best).
     """
     rng = np.random.default_rng(SEED)
     centres, strides = _grid()
     start = average_precision(match_outputs(head_outputs(head, valid), valid.sizes, valid.truths))
     _say(f"valid AP50 before training: {start:.4f}")
     optimiser = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
-    steps = epochs * (-(-len(train.boxes) // batch))
+    steps = max(1, epochs * (-(-train_size // batch)))
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimiser, max_lr=lr, total_steps=steps, pct_start=0.1
     )
     best_ap, best_epoch, best_state = start, 0, {k: v.clone() for k, v in head.state_dict().items()}
     for epoch in range(1, epochs + 1):
         began = time.perf_counter()
-        order = rng.permutation(len(train.boxes))
+        order = rng.permutation(train_size)
         total = 0.0
         for b in range(0, len(order), batch):
-            feats, truths = _batch(train, order[b : b + batch])
+            feats, truths = train_batch(order[b : b + batch])
             loss = batch_loss(head, feats, truths, centres, strides)
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
             schedule.step()
             total += float(loss.detach()) * len(truths)
+            if (b // batch) % 20 == 19:
+                took = time.perf_counter() - began
+                _say(f"  epoch {epoch}: {b + len(truths)}/{len(order)} samples ({took:.0f} s)")
         results = match_outputs(head_outputs(head, valid), valid.sizes, valid.truths)
         ap = average_precision(results)
         t, p, r = best_threshold(results)
@@ -680,6 +713,12 @@ def fit(
             f"epoch {epoch}: loss {total / len(order):.4f}  valid AP50 {ap:.4f}  "
             f"best min(P,R) at {t:.2f}: P {p:.3f} R {r:.3f}  ({time.perf_counter() - began:.0f} s)"
         )
+        if checkpoints is not None:
+            checkpoints.mkdir(parents=True, exist_ok=True)
+            torch.save(
+                {"state": head.state_dict(), "epoch": epoch, "ap50": ap, "threshold": (t, p, r)},
+                checkpoints / f"epoch{epoch:02d}.pt",
+            )
         if ap > best_ap:
             best_ap, best_epoch = ap, epoch
             best_state = {k: v.clone() for k, v in head.state_dict().items()}
@@ -708,16 +747,19 @@ def cut_model(model: onnx.ModelProto, outputs: Sequence[str]) -> bytes:
 
 
 class NeckHead(nn.Module):  # type: ignore[misc]
-    """The stage-1 model's neck and head run from the backbone outputs, conv weights trainable."""
+    """The model's neck and head run from the backbone outputs, conv weights trainable.
 
-    def __init__(self, model: onnx.ModelProto) -> None:
+    With ``inputs=("image",)`` the whole model (backbone too) is run: stage 3.
+    """
+
+    def __init__(self, model: onnx.ModelProto, inputs: Sequence[str] = BACKBONE_OUTPUTS) -> None:
         super().__init__()
         wanted = {h.split for h in head_nodes(model.graph)}
         splits = [n for n in model.graph.node if n.op_type == "Split" and n.output[0] in wanted]
         order = {h.split: i for i, h in enumerate(head_nodes(model.graph))}
         splits.sort(key=lambda n: order[n.output[0]])
         names = [name for node in splits for name in node.output[:2]]
-        self.graph = GraphModule(model, BACKBONE_OUTPUTS, names)
+        self.graph = GraphModule(model, inputs, names)
 
     def forward(self, feats: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         outs = self.graph(feats)
@@ -749,8 +791,15 @@ def stage2(args: argparse.Namespace, root: Path, start: Path) -> int:
             _save(sets[split], cached)
         _say(f"{split}: {len(sets[split].boxes)} backbone feature sets")
     neck_head = NeckHead(model)
+    train = sets["train"]
     best_epoch = fit(
-        neck_head, sets["train"], sets["valid"], epochs=args.epochs, batch=args.batch, lr=args.lr
+        neck_head,
+        len(train.boxes),
+        lambda idx: _batch(train, idx),
+        sets["valid"],
+        epochs=args.epochs,
+        batch=args.batch,
+        lr=args.lr,
     )
     write_back(neck_head.graph, model.graph)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -768,6 +817,163 @@ def stage2(args: argparse.Namespace, root: Path, start: Path) -> int:
     _say(f"export check: max |onnx - torch| {diff:.2e}")
     if diff > 1e-2:
         sys.stderr.write("the exported model does not reproduce the trained neck and head\n")
+        return 1
+    return finish(root, fp32, args.out, best_epoch=best_epoch, epochs=args.epochs, limit=args.limit)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 3: the whole network, backbone included, on images augmented at every step
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Training-time augmentation of one image (the ranges are drawn uniformly)."""
+
+    scale: tuple[float, float] = (0.6, 1.4)  # relative to the plain resize to the input
+    aspect: float = 0.15  # log of the largest width / height stretch
+    hue: float = 6.0  # OpenCV hue units (0-180)
+    saturation: tuple[float, float] = (0.6, 1.4)
+    value: tuple[float, float] = (0.6, 1.4)
+    contrast: tuple[float, float] = (0.75, 1.25)
+    keep_area: float = 0.4  # a box cut by the crop is kept if this share of it remains
+    min_side: float = 4.0  # ... and it is at least this many input pixels wide and high
+
+
+# PicoDet's normalisation maps the ImageNet mean to zero: padding with it is padding with zeros.
+_MEAN_BGR = (124, 116, 104)
+
+
+def augment(
+    image: np.ndarray, boxes: np.ndarray, rng: np.random.Generator, aug: Augmentation
+) -> tuple[np.ndarray, np.ndarray]:
+    """A random ``SIZE`` x ``SIZE`` BGR view of ``image`` and its boxes in that view's pixels.
+
+    Random scale and aspect around the plain resize inference does, a random crop (scale > 1)
+    or placement on a mean-grey canvas (scale < 1), mirror half the time, colour jitter (hue,
+    saturation, brightness, contrast). Boxes cut by the crop are clipped, and dropped when too
+    little of them remains.
+    """
+    h, w = image.shape[:2]
+    s = rng.uniform(*aug.scale)
+    a = float(np.exp(rng.uniform(-aug.aspect, aug.aspect)))
+    nw = max(8, round(SIZE * s * a))
+    nh = max(8, round(SIZE * s / a))
+    resized = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_LINEAR)
+    # Where the resized image's top-left corner lands on the canvas (negative: cropped).
+    ox = int(rng.integers(SIZE - nw, 1)) if nw > SIZE else int(rng.integers(0, SIZE - nw + 1))
+    oy = int(rng.integers(SIZE - nh, 1)) if nh > SIZE else int(rng.integers(0, SIZE - nh + 1))
+    canvas = np.empty((SIZE, SIZE, 3), np.uint8)
+    canvas[:] = _MEAN_BGR
+    x0, y0 = max(0, ox), max(0, oy)
+    x1, y1 = min(SIZE, ox + nw), min(SIZE, oy + nh)
+    canvas[y0:y1, x0:x1] = resized[y0 - oy : y1 - oy, x0 - ox : x1 - ox]
+    scaled = boxes * np.array([nw / w, nh / h, nw / w, nh / h], np.float32)
+    scaled += np.array([ox, oy, ox, oy], np.float32)
+    clipped = np.clip(scaled, 0, SIZE)
+    area = (scaled[:, 2] - scaled[:, 0]) * (scaled[:, 3] - scaled[:, 1])
+    left = (clipped[:, 2] - clipped[:, 0]) * (clipped[:, 3] - clipped[:, 1])
+    keep = (
+        (left >= aug.keep_area * np.maximum(area, 1e-6))
+        & (clipped[:, 2] - clipped[:, 0] >= aug.min_side)
+        & (clipped[:, 3] - clipped[:, 1] >= aug.min_side)
+    )
+    out_boxes = clipped[keep].astype(np.float32)
+    if rng.random() < 0.5:
+        canvas = np.ascontiguousarray(canvas[:, ::-1])
+        out_boxes[:, [0, 2]] = SIZE - out_boxes[:, [2, 0]]
+    hsv = cv2.cvtColor(canvas, cv2.COLOR_BGR2HSV).astype(np.float32)
+    hsv[..., 0] = (hsv[..., 0] + rng.uniform(-aug.hue, aug.hue)) % 180
+    hsv[..., 1] *= rng.uniform(*aug.saturation)
+    hsv[..., 2] *= rng.uniform(*aug.value)
+    jittered = cv2.cvtColor(np.clip(hsv, 0, 255).astype(np.uint8), cv2.COLOR_HSV2BGR)
+    c = rng.uniform(*aug.contrast)
+    mean = float(jittered.mean())
+    out = np.clip((jittered.astype(np.float32) - mean) * c + mean, 0, 255).astype(np.uint8)
+    return out, out_boxes
+
+
+class AugmentedImages:
+    """The training images in memory; a batch is a fresh random augmentation of each."""
+
+    def __init__(self, folder: Path, *, seed: int, aug: Augmentation, limit: int | None) -> None:
+        self.images: list[np.ndarray] = []
+        self.boxes: list[np.ndarray] = []
+        for item in list_images(folder)[:limit]:
+            image = read_image(item.image)
+            h, w = image.shape[:2]
+            self.images.append(image)
+            self.boxes.append(read_boxes(item.labels, w, h))
+        self.rng = np.random.default_rng(seed)
+        self.aug = aug
+        self.spec = _picodet_spec()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __call__(self, idx: np.ndarray) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        tensors, truths = [], []
+        for i in idx:
+            image, boxes = augment(self.images[i], self.boxes[i], self.rng, self.aug)
+            tensors.append(preprocess(image, self.spec)[0])
+            truths.append(torch.from_numpy(boxes))
+        return [torch.from_numpy(np.concatenate(tensors))], truths
+
+
+def image_set(folder: Path, *, limit: int | None) -> FeatureSet:
+    """Valid images as the model's inputs (plain resize, as inference does), for selection."""
+    spec = _picodet_spec()
+    tensors, boxes, sizes, truths = [], [], [], []
+    for item in list_images(folder)[:limit]:
+        image = read_image(item.image)
+        h, w = image.shape[:2]
+        truth = read_boxes(item.labels, w, h)
+        tensors.append(preprocess(image, spec)[0][0])
+        boxes.append(truth * np.array([SIZE / w, SIZE / h, SIZE / w, SIZE / h], np.float32))
+        sizes.append((w, h))
+        truths.append(truth)
+    return FeatureSet([np.stack(tensors)], boxes, sizes, truths)
+
+
+def stage3(args: argparse.Namespace, root: Path, start: Path) -> int:
+    """Fine-tune the whole model ``start`` (stage 2's) on augmented images; export, quantise."""
+    model = onnx.load(str(start))
+    valid = image_set(root / "valid", limit=args.limit)
+    network = NeckHead(model, ("image",))
+    if args.checkpoint is not None:
+        saved = torch.load(args.checkpoint)
+        network.load_state_dict(saved["state"])
+        best_epoch = int(saved["epoch"])
+        _say(f"{args.checkpoint}: epoch {best_epoch}, valid AP50 {saved['ap50']:.4f}")
+    else:
+        train = AugmentedImages(root / "train", seed=SEED + 3, aug=Augmentation(), limit=args.limit)
+        _say(f"train: {len(train)} images (augmented at every step); valid: {len(valid.boxes)}")
+        best_epoch = fit(
+            network,
+            len(train),
+            train,
+            valid,
+            epochs=args.epochs,
+            batch=args.batch,
+            lr=args.lr,
+            checkpoints=args.out / "checkpoints",
+        )
+    write_back(network.graph, model.graph)
+    args.out.mkdir(parents=True, exist_ok=True)
+    fp32 = args.out / "person_detector.fp32.onnx"
+    onnx.checker.check_model(model)
+    onnx.save(model, str(fp32))
+    valid_images = [item.image for item in list_images(root / "valid")][: args.limit]
+    four = FeatureSet([valid.levels[0][:4]], valid.boxes[:4], valid.sizes[:4], valid.truths[:4])
+    torch_out = head_outputs(network, four)
+    onnx_out = onnx_outputs(fp32, valid_images[:4])
+    diff = max(
+        float(np.abs(a - b).max())
+        for o, t in zip(onnx_out, torch_out, strict=True)
+        for a, b in zip(o, t, strict=True)
+    )
+    _say(f"export check: max |onnx - torch| {diff:.2e}")
+    if diff > 1e-2:
+        sys.stderr.write("the exported model does not reproduce the trained network\n")
         return 1
     return finish(root, fp32, args.out, best_epoch=best_epoch, epochs=args.epochs, limit=args.limit)
 
@@ -796,6 +1002,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=None,
         help="fine-tune neck and head of this stage-1 fp32 model (then quantise, cards)",
     )
+    parser.add_argument(
+        "--stage3",
+        type=Path,
+        default=None,
+        help="fine-tune the whole network (backbone too) of this stage-2 fp32 model on "
+        "augmented images (then quantise, cards)",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="with --stage3: skip training, export this saved epoch (OUT/checkpoints/epochNN.pt)",
+    )
     args = parser.parse_args(argv)
     torch.manual_seed(SEED)
     torch.set_num_threads(1)
@@ -816,6 +1035,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.cache.mkdir(parents=True, exist_ok=True)
     if args.stage2 is not None:
         return stage2(args, root, args.stage2)
+    if args.stage3 is not None:
+        return stage3(args, root, args.stage3)
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.log_severity_level = 3
