@@ -7,6 +7,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import aiomqtt
 import cv2
@@ -97,13 +98,10 @@ async def test_keep_files_leaves_them_and_does_not_analyse_them_twice(tmp_path: 
 
 
 @pytest.mark.broker
-async def test_images_over_the_local_broker_get_their_answer_on_the_result_topic(
-    mosquitto: Mosquitto,
-) -> None:
-    sink = _Sink()
-    broker = BrokerInbox(mosquitto.host, mosquitto.port, "waste/image/+", "test-inbox")
-    inbox = _inbox(None, broker=broker)
-    photo = _jpeg(1)
+async def _round_trip(
+    mosquitto: Mosquitto, inbox: ImageInbox, sink: _Sink, photos: list[tuple[str, bytes]]
+) -> dict[str, Any]:
+    """Publish each (topic, payload) to the running inbox; its answers, by result topic."""
     async with (
         Recorder(mosquitto.host, mosquitto.port, topics=["waste/image/+/result"]) as rec,
         asyncio.TaskGroup() as tg,
@@ -112,11 +110,24 @@ async def test_images_over_the_local_broker_get_their_answer_on_the_result_topic
         async with asyncio.timeout(10):
             await inbox.subscribed.wait()
         async with aiomqtt.Client(mosquitto.host, mosquitto.port) as client:
-            await client.publish("waste/image/req-1", photo, qos=1)
-            await client.publish("waste/image/req-2", b"GIF89a...", qos=1)
-            await rec.wait_for_count(2, timeout=10)
+            for topic, payload in photos:
+                await client.publish(topic, payload, qos=1)
+            await rec.wait_for_count(len(photos), timeout=20)
         task.cancel()
-    replies = {m.topic: json.loads(m.payload) for m in rec.messages}
+    return {m.topic: json.loads(m.payload) for m in rec.messages}
+
+
+async def test_images_over_the_local_broker_get_their_answer_on_the_result_topic(
+    mosquitto: Mosquitto,
+) -> None:
+    sink = _Sink()
+    photo = _jpeg(1)
+    inbox = _inbox(
+        None, broker=BrokerInbox(mosquitto.host, mosquitto.port, "waste/image/+", "test-inbox")
+    )
+    replies = await _round_trip(
+        mosquitto, inbox, sink, [("waste/image/req-1", photo), ("waste/image/req-2", b"GIF89a")]
+    )
     assert replies["waste/image/req-1/result"] == {"label": "glass", "n": 1}
     assert replies["waste/image/req-2/result"]["error"].startswith("image rejected: not a JPEG")
     assert [(i.origin, i.name, i.data) for i in sink.images] == [
@@ -136,20 +147,16 @@ async def test_photos_over_one_mebibyte_come_through_the_broker_and_larger_ones_
     rng = np.random.default_rng(7)
     photo = b"\xff\xd8\xff\xe0" + rng.integers(0, 256, 2_500_000, dtype=np.uint8).tobytes()
     too_big = b"\xff\xd8\xff\xe0" + bytes(3_200_000)
-    async with (
-        Recorder(mosquitto.host, mosquitto.port, topics=["waste/image/+/result"]) as rec,
-        asyncio.TaskGroup() as tg,
-    ):
-        task = tg.create_task(inbox.run(sink.handle, sink.reject))
-        async with asyncio.timeout(10):
-            await inbox.subscribed.wait()
-        async with aiomqtt.Client(mosquitto.host, mosquitto.port) as client:
-            await client.publish("waste/image/big", photo, qos=1)
-            await client.publish("waste/image/huge", too_big, qos=1)
-            await client.publish("waste/image/after", _jpeg(2), qos=1)
-            await rec.wait_for_count(3, timeout=20)
-        task.cancel()
-    replies = {m.topic: json.loads(m.payload) for m in rec.messages}
+    replies = await _round_trip(
+        mosquitto,
+        inbox,
+        sink,
+        [
+            ("waste/image/big", photo),
+            ("waste/image/huge", too_big),
+            ("waste/image/after", _jpeg(2)),
+        ],
+    )
     assert replies["waste/image/big/result"] == {"label": "glass", "n": 1}
     assert replies["waste/image/after/result"] == {"label": "glass", "n": 2}
     reason = f"a message of {3_200_004 + 2 + len('waste/image/huge') + 2} bytes, more than"
