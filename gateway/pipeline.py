@@ -11,9 +11,11 @@ source's acknowledgements (they leave in order) until the session ends.
 
 The task does not wait for one group's commit before handing over the next: groups that arrive
 while the outbox lingers or commits join its next commit (the outbox never splits a group), and
-``on_stored`` callbacks still run in the order the items were submitted. At most ``queue_max``
-items are handed over and not yet committed; beyond that the task waits, the queue fills, and
-the overflow policy applies as before.
+the ``on_stored`` callbacks of committed items still run in the order the items were submitted
+(an item ``drop_oldest`` evicts is settled at once, possibly ahead of earlier items still being
+committed: a source must not rely on that order; the MQTT intake orders its PUBACKs itself).
+At most ``queue_max`` items are handed over and not yet committed; beyond that the task waits,
+the queue fills, and the overflow policy applies as before.
 """
 
 from __future__ import annotations

@@ -1002,6 +1002,49 @@ async def test_pubacks_leave_in_the_order_the_messages_arrived() -> None:
             assert protocol.unacked_bytes == 2 * (40 - n)
 
 
+async def test_ordered_pubacks_hold_with_reused_ids_qos0_and_the_window() -> None:
+    # A broker that reuses a packet id as soon as its PUBACK arrives (the protocol allows it),
+    # QoS 0 messages in between and a small window that pauses reading: PUBACKs still name
+    # exactly the broker's oldest unacknowledged message, the counters match what the broker
+    # still waits for, and reading always comes back once everything is settled.
+    for seed in range(200):
+        rnd = random.Random(seed)
+        protocol = _Protocol(6, MQTT_311, max_unacked_bytes=50)
+        transport = DummyTransport()
+        protocol.connection_made(transport)
+        free = list(range(1, 12))  # few ids: reuse is frequent
+        waiting: list[int] = []  # the broker's in-flight ids, oldest first
+        delivered: list[IntakeMessage] = []  # handed to the consumer, not settled yet
+        for _ in range(300):
+            if transport.reading and free and rnd.random() < 0.5:
+                data = b""
+                for _ in range(rnd.randint(1, 3)):
+                    if rnd.random() < 0.3:
+                        data += publish_packet("t/0", b"q0", 0)
+                    elif free:
+                        packet_id = free.pop(0)
+                        data += publish_packet("t/1", b"x" * rnd.randint(0, 20), 1, packet_id)
+                        waiting.append(packet_id)
+                protocol.data_received(data)
+                if protocol._ready:
+                    delivered += await protocol.batch()
+            elif delivered:
+                message = delivered.pop(rnd.randrange(len(delivered)))
+                if message.qos:
+                    protocol.ack(message.packet_id, len(message.payload))
+            protocol._flush_acks()
+            wire = b"".join(transport.written)
+            transport.written.clear()
+            for i in range(0, len(wire), 4):
+                packet_id = int.from_bytes(wire[i + 2 : i + 4], "big")
+                assert waiting and waiting[0] == packet_id, (seed, packet_id, waiting)
+                free.append(waiting.pop(0))
+            assert protocol.unacked == len(waiting), seed
+            if not delivered:
+                assert transport.reading, seed
+                assert protocol.unacked_bytes == 0, seed
+
+
 async def test_reading_pauses_at_the_window_and_resumes_at_half() -> None:
     protocol, transport = attached(max_unacked=4)
     protocol.data_received(b"".join(publish_packet("t", b"", 1, pid) for pid in range(1, 4)))
