@@ -15,7 +15,10 @@ the ``on_stored`` callbacks of committed items still run in the order the items 
 (an item ``drop_oldest`` evicts is settled at once, possibly ahead of earlier items still being
 committed: a source must not rely on that order; the MQTT intake orders its PUBACKs itself).
 At most ``queue_max`` items are handed over and not yet committed; beyond that the task waits,
-the queue fills, and the overflow policy applies as before.
+the queue fills, and the overflow policy applies as before. A group whose commit fails (disk
+full, an I/O error) is retried with backoff until it is stored, never dropped: its
+``on_stored`` callbacks wait, and so does everything behind it once ``queue_max`` is reached;
+committed items' callbacks may then run ahead of it.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
 
 from gateway.config import PipelineSection
 from gateway.errors import EventValidationError, OutboxError
@@ -38,6 +42,9 @@ log = structlog.get_logger(__name__)
 
 # Items taken from the queue per outbox commit.
 _MAX_BATCH = 1000
+# Backoff between attempts to store a group whose commit failed (see Pipeline._put).
+_RETRY_MIN_S = 0.1
+_RETRY_MAX_S = 5.0
 
 OnStored = Callable[[], None]
 
@@ -132,6 +139,37 @@ class Pipeline:
             for task, _size in storing:
                 task.cancel()
 
+    async def _put(self, events: list[Event], holding: int) -> None:
+        """Store ``events``, retrying a failed commit (disk full, an I/O error) until it succeeds.
+
+        Dropping them would lose data a source has not given up: the ChirpStack source
+        acknowledges its broker only after the commit, and its de-duplication already counts
+        the frames as seen, so a copy the broker delivers again would be taken for a duplicate.
+        Waiting instead holds everything behind (the queue fills, sources block or apply their
+        overflow policy) and is named in the log and the metrics on every attempt.
+        """
+        retrying = AsyncRetrying(
+            wait=wait_exponential_jitter(
+                multiplier=_RETRY_MIN_S, max=_RETRY_MAX_S, jitter=_RETRY_MIN_S
+            ),
+            retry=retry_if_exception_type(OutboxError),
+            before_sleep=lambda state: self._retrying(len(events), state),
+        )
+        async for attempt in retrying:
+            with attempt:
+                await self._outbox.put_many(events, holding=holding)
+
+    def _retrying(self, n: int, state: RetryCallState) -> None:
+        self._metrics.inc("outbox_put_retries")
+        error = state.outcome.exception() if state.outcome is not None else None
+        log.error(
+            "events_not_stored_retrying",
+            n=n,
+            attempt=state.attempt_number,
+            retry_in_s=round(state.upcoming_sleep, 2),
+            error=str(error),
+        )
+
     async def _store(self, items: list[_Item]) -> None:
         events: list[Event] = []
         for item in items:
@@ -146,12 +184,7 @@ class Pipeline:
                 log.warning("reading_invalid", device=item.payload.device, error=str(exc))
         if events:
             holding = sum(1 for item in items if item.on_stored is not None)
-            try:
-                await self._outbox.put_many(events, holding=holding)
-            except OutboxError as exc:
-                self._metrics.inc("events_lost_outbox_error", len(events))
-                log.error("events_not_stored", n=len(events), error=str(exc))
-                return
+            await self._put(events, holding)
             self._metrics.inc("events_in", len(events))
         for item in items:
             if item.on_stored is not None:

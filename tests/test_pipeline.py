@@ -55,3 +55,32 @@ async def test_drop_oldest_keeps_the_newest_and_counts(tmp_path: Path) -> None:
         await asyncio.wait_for(runner, 10)
         assert await _drain(outbox) == list(range(7, 12))
         assert settled == list(range(12))
+
+
+async def test_a_commit_that_fails_is_retried_and_nothing_is_settled_before_it(
+    tmp_path: Path,
+) -> None:
+    # A real SQLITE_FULL ("database or disk is full"): the file may not grow past its pages.
+    metrics = Metrics()
+    settled: list[int] = []
+    async with Outbox(tmp_path / "o.db", OutboxSection()) as outbox:
+        db = outbox._db
+        assert db is not None
+        pages = await outbox._run(lambda: db.execute("PRAGMA page_count").fetchone()[0])
+        await outbox._run(lambda: db.execute(f"PRAGMA max_page_count={pages}"))
+        pipeline = Pipeline(PipelineSection(queue_max=100), outbox, metrics)
+        runner = asyncio.create_task(pipeline.run())
+        for i in range(200):
+            await pipeline.submit(_reading(i), lambda i=i: settled.append(i))
+        async with asyncio.timeout(10):
+            while metrics.counters["outbox_put_retries"] < 3:
+                await asyncio.sleep(0.01)
+        # Nothing was dropped, and no source was told its input is safe.
+        assert settled == []
+        assert outbox.depth() == 0
+        await outbox._run(lambda: db.execute("PRAGMA max_page_count=1073741823"))
+        await pipeline.close()
+        await asyncio.wait_for(runner, 30)
+        assert sorted(await _drain(outbox)) == list(range(200))
+    assert sorted(settled) == list(range(200))
+    assert metrics.counters["events_in"] == 200
