@@ -161,6 +161,14 @@ class _SessionLostError(Exception):
     """The broker connection failed or dropped; retried with backoff."""
 
 
+@dataclass(frozen=True, slots=True)
+class _Duplicate:
+    """An uplink frame the source has already taken (see ChirpStackSource._process)."""
+
+    dev_eui: str
+    f_cnt: int
+
+
 class ChirpStackSource:
     """Turns ChirpStack integration events into readings and link-health events."""
 
@@ -185,6 +193,10 @@ class ChirpStackSource:
         self._client: MqttIntake | None = None
         self._budget = DownlinkBudget(downlink_daily_cap)
         self._rules: dict[str, DeviceRule] = {}
+        # Uplink frames handed to the pipeline and not committed yet, with the acknowledgements
+        # of copies that arrived meanwhile (see _process).
+        self._uncommitted: dict[tuple[str, int], list[Callable[[], None]]] = {}
+        self._frame: tuple[str, int] | None = None
 
     @property
     def tracker(self) -> LinkTracker:
@@ -375,8 +387,19 @@ class ChirpStackSource:
         report_error: ReportError,
         ack: Callable[[], None],
     ) -> None:
+        self._frame = None
         try:
             items = self._parse(topic, payload, report_error)
+            if isinstance(items, _Duplicate):
+                # A copy (another gateway's, or the broker's again after a reconnect) of a frame
+                # whose events are not committed yet is acknowledged with the original: acked
+                # now, a crash before that commit would lose the frame from both.
+                waiting = self._uncommitted.get((items.dev_eui, items.f_cnt))
+                if waiting is None:
+                    ack()
+                else:
+                    waiting.append(ack)
+                return
         except CodecError as exc:
             self._count("malformed")
             report_error("malformed_message", str(exc))
@@ -392,13 +415,27 @@ class ChirpStackSource:
         if not items:
             ack()
             return
+        frame = self._frame
+        if frame is not None:
+            self._frame = None
+            copies: list[Callable[[], None]] = []
+            self._uncommitted[frame] = copies
+
+            def settle(original: Callable[[], None] = ack) -> None:
+                if self._uncommitted.get(frame) is copies:
+                    del self._uncommitted[frame]
+                original()
+                for copy in copies:
+                    copy()
+
+            ack = settle
         for item in items[:-1]:
             await emit(item)
         await emit(items[-1], ack)
 
     def _parse(
         self, topic: str, payload: bytes, report_error: ReportError
-    ) -> list[Reading | Event]:
+    ) -> list[Reading | Event] | _Duplicate:
         application_id, dev_eui, event_type = parse_topic(topic)
         marshaler = self._broker.marshaler
         if event_type == "up" and (
@@ -470,7 +507,7 @@ class ChirpStackSource:
 
     def _uplink(
         self, application_id: str, dev_eui: str, msg: Uplink, report_error: ReportError
-    ) -> list[Reading | Event]:
+    ) -> list[Reading | Event] | _Duplicate:
         now = self._clock()
         ts = msg.time or datetime.fromtimestamp(now, UTC)
         link_state = self._tracker.device(dev_eui)
@@ -482,7 +519,9 @@ class ChirpStackSource:
         key = msg.deduplication_id or f"{dev_eui}:{msg.f_cnt}"
         if self._tracker.is_duplicate(dev_eui, msg.f_cnt, msg.deduplication_id, now):
             self._count("duplicates")
-            return []
+            return _Duplicate(dev_eui, msg.f_cnt)
+        # Which frame the items about to be built belong to, for _process.
+        self._frame = (dev_eui, msg.f_cnt)
         rule = self._catalog.match(dev_eui, msg.device_profile_name, msg.tags)
         if rule is None:
             self._count("unknown_device")

@@ -15,6 +15,7 @@ from drivers.chirpstack import (
     BrokerSettings,
     Catalog,
     ChirpStackSource,
+    DeviceRule,
     DownlinkRejectedError,
 )
 from drivers.lorawan import (
@@ -27,6 +28,7 @@ from drivers.lorawan import (
 )
 from drivers.mqtt_intake import MqttIntakeError
 from gateway.errors import CodecError
+from gateway.types import Event, Reading
 
 EUI = "a84041000181c061"
 TOPIC = f"application/app-1/device/{EUI}/event/up"
@@ -227,3 +229,36 @@ async def test_a_downlink_the_broker_refuses_does_not_count_against_the_cap() ->
     assert taken == [f"application/app-1/device/{EUI}/command/down"]
     with pytest.raises(DownlinkRejectedError, match="reached its cap of 1"):
         await source.send_downlink(EUI, 1, b"\x01")
+
+
+async def test_a_copy_of_a_frame_not_committed_yet_is_acknowledged_with_the_original() -> None:
+    # The broker delivers a frame again after a reconnect (or a second gateway's copy comes)
+    # while the original's reading is still on its way to the outbox. Acknowledged at once, a
+    # crash before that commit would lose the frame: the broker forgot the copy, and the
+    # original was never stored. So the copy's PUBACK waits for the original's commit.
+    rule = DeviceRule(Profile("p", None, fields=(FieldMap("Distance", "distance", "mm"),)), EUI)
+    source = ChirpStackSource("cs", BrokerSettings("127.0.0.1", 1, "c"), Catalog([rule]))
+    handed: list[tuple[Reading | Event, object]] = []
+
+    async def emit(item: Reading | Event, on_stored: object = None) -> None:
+        handed.append((item, on_stored))  # the pipeline: committed later
+
+    acks: list[str] = []
+    body = json_format.MessageToJson(_uplink()).encode()
+    other = _uplink()
+    other.f_cnt = 43
+    other.deduplication_id = "d-2"
+    second = json_format.MessageToJson(other).encode()
+    for name, payload in [("original", body), ("copy", body), ("next", second), ("copy 2", body)]:
+        await source._process(TOPIC, payload, emit, lambda *_: None, lambda n=name: acks.append(n))
+    assert [type(item).__name__ for item, _ in handed] == ["Reading", "Reading"]
+    assert acks == []
+    assert source.counters["duplicates"] == 2
+    commit = handed[0][1]
+    assert callable(commit)
+    commit()
+    assert acks == ["original", "copy", "copy 2"]
+    # Once committed, a further copy is acknowledged at once.
+    await source._process(TOPIC, body, emit, lambda *_: None, lambda: acks.append("late copy"))
+    assert acks[-1] == "late copy"
+    assert source._uncommitted == {(EUI, 43): []}
