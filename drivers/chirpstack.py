@@ -275,8 +275,22 @@ class ChirpStackSource:
             log.info("chirpstack_connected", source=self.name, host=broker.host, port=broker.port)
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._watch_silence(emit), name=f"{self.name}-silence")
+                qos0_told = False
                 while True:
                     for n, message in enumerate(await client.batch(), start=1):
+                        if not message.qos:
+                            self._count("qos0_messages")
+                            if not qos0_told:
+                                qos0_told = True
+                                log.warning(
+                                    "chirpstack_qos0",
+                                    source=self.name,
+                                    topic=message.topic[:200],
+                                    detail="ChirpStack publishes its events at QoS 0: the "
+                                    "broker neither queues them while the gateway is away nor "
+                                    "waits for their acknowledgement; set qos=1 in "
+                                    "[integration.mqtt] of chirpstack.toml",
+                                )
                         if message.oversized:
                             self._oversized(message, report_error, client.acker(message))
                             continue

@@ -290,7 +290,13 @@ class _Protocol(asyncio.Protocol):
         PUBACK); paused behind them, that answer would never be read while the messages wait for
         the subscription to be confirmed: a deadlock that a read boundary decided.
         """
-        full = self.unacked >= self._max_unacked or self.unacked_bytes >= self._max_unacked_bytes
+        # Messages not yet taken by the consumer count too: QoS 0 ones are never acknowledged,
+        # and without this a QoS 0 flood would queue here without bound.
+        full = (
+            self.unacked >= self._max_unacked
+            or self.unacked_bytes >= self._max_unacked_bytes
+            or len(self._ready) >= self._max_unacked
+        )
         if full and not self._paused and not self.pending and self._transport:
             self._paused = True
             self._transport.pause_reading()
@@ -413,6 +419,7 @@ class _Protocol(asyncio.Protocol):
             finally:
                 self._waiter = None
         ready, self._ready = self._ready, []
+        self._resume_if_room()
         return ready
 
     def ack(self, packet_id: int, size: int = 0) -> None:
@@ -437,17 +444,22 @@ class _Protocol(asyncio.Protocol):
             else:
                 early[head] -= 1
             self._send_ack(head)
+        self._resume_if_room()
+        if not self._ack_scheduled:
+            self._ack_scheduled = True
+            self._loop.call_soon(self._flush_acks)
+
+    def _resume_if_room(self) -> None:
+        """Read again once the window is half empty (hysteresis: not a pause per message)."""
         if (
             self._paused
             and self.unacked <= self._max_unacked // 2
             and self.unacked_bytes <= self._max_unacked_bytes // 2
+            and len(self._ready) <= self._max_unacked // 2
             and self._transport
         ):
             self._paused = False
             self._transport.resume_reading()
-        if not self._ack_scheduled:
-            self._ack_scheduled = True
-            self._loop.call_soon(self._flush_acks)
 
     def stalled_s(self, now: float) -> float:
         """How long the oldest unacknowledged message has been waiting (0 when none waits)."""

@@ -1062,6 +1062,21 @@ async def test_reading_pauses_at_the_window_and_resumes_at_half() -> None:
     assert transport.pauses == 1
 
 
+async def test_qos0_messages_the_consumer_has_not_taken_pause_reading_too() -> None:
+    # QoS 0 is never acknowledged, so the window alone would let a QoS 0 flood (ChirpStack's
+    # integration publishes at QoS 0 unless told otherwise) pile up here without bound.
+    protocol, transport = attached(max_unacked=4)
+    protocol.data_received(b"".join(publish_packet("t", b"x", 0, 0) for _ in range(3)))
+    assert transport.reading  # 3 < 4
+    protocol.data_received(b"".join(publish_packet("t", b"x", 0, 0) for _ in range(3)))
+    assert not transport.reading
+    assert protocol.unacked == 0
+    assert len(await protocol.batch()) == 6
+    # Taken by the consumer (whose own queue now pushes back): reading goes on.
+    assert transport.reading
+    assert transport.pauses == 1
+
+
 async def test_reading_pauses_beyond_the_byte_budget_and_resumes_at_half() -> None:
     # Few messages, but large ones: the count window (100) is far away, the bytes are not.
     protocol = _Protocol(100, MQTT_311, max_unacked_bytes=3000)
