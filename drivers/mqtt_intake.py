@@ -301,11 +301,22 @@ class _Protocol(asyncio.Protocol):
             self._paused = True
             self._transport.pause_reading()
 
+    @property
+    def paused(self) -> bool:
+        """Whether reading is paused (the window is full)."""
+        return self._paused
+
+    def _resume(self) -> None:
+        assert self._transport is not None
+        self._paused = False
+        # Silence is timed from here: nothing could be read while paused (see _keepalive).
+        self.last_received = self._loop.time()
+        self._transport.resume_reading()
+
     def keep_reading(self) -> None:
         """Read on while a request is outstanding (see :meth:`pause_if_full`)."""
         if self._paused and self._transport:
-            self._paused = False
-            self._transport.resume_reading()
+            self._resume()
 
     def _split(self, buf: bytearray, ready: list[IntakeMessage]) -> int:
         pos, end = 0, len(buf)
@@ -458,8 +469,7 @@ class _Protocol(asyncio.Protocol):
             and len(self._ready) <= self._max_unacked // 2
             and self._transport
         ):
-            self._paused = False
-            self._transport.resume_reading()
+            self._resume()
 
     def stalled_s(self, now: float) -> float:
         """How long the oldest unacknowledged message has been waiting (0 when none waits)."""
@@ -779,7 +789,9 @@ class MqttIntake:
             next_ping = now + keepalive_s / 2
             # The broker answers every PINGREQ; silence for a whole keepalive means the link is
             # dead even if TCP has not noticed (a pulled cable keeps a socket "open" for hours).
-            if now - protocol.last_received > keepalive_s:
+            # Not while reading is paused: the answer then waits unread in the socket (a
+            # consumer that stops settling messages is the stall watchdog's to name).
+            if now - protocol.last_received > keepalive_s and not protocol.paused:
                 protocol.abort(f"no packet from the broker for {keepalive_s} s")
                 return
             with contextlib.suppress(MqttIntakeError):
