@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 
 from gateway.config import PipelineSection
 from gateway.errors import EventValidationError, OutboxError
@@ -148,25 +148,38 @@ class Pipeline:
         Waiting instead holds everything behind (the queue fills, sources block or apply their
         overflow policy) and is named in the log and the metrics on every attempt.
         """
+        try:
+            await self._outbox.put_many(events, holding=holding)
+        except OutboxError as exc:
+            # The first failure is counted and named like every later one; tenacity (tens of
+            # microseconds per call) only once a commit has failed, not on every group.
+            self._retrying(len(events), 1, exc, _RETRY_MIN_S)
+            await asyncio.sleep(_RETRY_MIN_S)
+        else:
+            return
         retrying = AsyncRetrying(
             wait=wait_exponential_jitter(
                 multiplier=_RETRY_MIN_S, max=_RETRY_MAX_S, jitter=_RETRY_MIN_S
             ),
             retry=retry_if_exception_type(OutboxError),
-            before_sleep=lambda state: self._retrying(len(events), state),
+            before_sleep=lambda state: self._retrying(
+                len(events),
+                state.attempt_number + 1,
+                state.outcome.exception() if state.outcome is not None else None,
+                state.upcoming_sleep,
+            ),
         )
         async for attempt in retrying:
             with attempt:
                 await self._outbox.put_many(events, holding=holding)
 
-    def _retrying(self, n: int, state: RetryCallState) -> None:
+    def _retrying(self, n: int, attempt: int, error: BaseException | None, wait_s: float) -> None:
         self._metrics.inc("outbox_put_retries")
-        error = state.outcome.exception() if state.outcome is not None else None
         log.error(
             "events_not_stored_retrying",
             n=n,
-            attempt=state.attempt_number,
-            retry_in_s=round(state.upcoming_sleep, 2),
+            attempt=attempt,
+            retry_in_s=round(wait_s, 2),
             error=str(error),
         )
 
