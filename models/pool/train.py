@@ -60,7 +60,7 @@ from models.quantize import quantize_model
 __all__ = ["main"]
 
 NAME = "pool_person_detector"
-VERSION = "1.1.0"
+VERSION = "1.2.0"
 SIZE = 416
 STRIDES = (8, 16, 32, 64)
 REG_MAX = 7
@@ -621,22 +621,24 @@ def _card(
         postprocess="picodet",
         params={"strides": list(STRIDES), "reg_max": REG_MAX},
         licence=(
-            "Apache-2.0 (PP-PicoDet-S 416 by PaddlePaddle, fine-tuned head; "
+            "Apache-2.0 (PP-PicoDet-S 416 by PaddlePaddle, fine-tuned; "
             "LICENSE-Apache-2.0.txt). Training data CC BY 4.0: 'AI Drone Lifeguard' v6, "
             "workspace ai-drone-lifeguard on Roboflow Universe, via "
             "yashpotdar-py/drowning-detection-system @ 21174a7 (see README.md)"
         ),
         training_data=(
-            "pool-swimmers-train/train (981 images = 327 sources x 3 augmented copies, plus "
-            "mirror images); epoch and score threshold chosen on pool-swimmers-train/valid "
+            "pool-swimmers-train/train (981 images = 327 sources x 3 augmented copies; mirror "
+            "images in stages 1-2, random scale/crop, mirror and colour jitter at every step in "
+            "stage 3); epochs and score threshold chosen on pool-swimmers-train/valid "
             "(164 images). Evaluated on pool-swimmers-drowning-sample (39 images), never trained "
             "or tuned on. See models/pool/README.md."
         ),
         quantization=quantization,
         description=(
-            "One-class person-in-water detector: PP-PicoDet-S 416 (COCO) with its GFL head "
-            "(stage 1) and then neck and head (stage 2) fine-tuned on swimmers, backbone frozen "
-            "(models/pool/train.py). Outputs per "
+            "One-class person-in-water detector: PP-PicoDet-S 416 (COCO) fine-tuned on "
+            "swimmers in three stages: its GFL head (stage 1), neck and head (stage 2), then the "
+            "whole network, backbone included, on augmented images (stage 3; "
+            "models/pool/train.py). Outputs per "
             "stride 8/16/32/64: person score (sigmoid) and 4 x 8 box-side distributions. int8: "
             "the head is int8 (static QDQ); backbone and neck stay fp32, which per-tensor int8 "
             "cannot represent (models/pool/README.md)."
