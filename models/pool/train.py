@@ -804,12 +804,30 @@ def stage2(args: argparse.Namespace, root: Path, start: Path) -> int:
         lr=args.lr,
     )
     write_back(neck_head.graph, model.graph)
-    args.out.mkdir(parents=True, exist_ok=True)
-    fp32 = args.out / "person_detector.fp32.onnx"
+    torch_out = head_outputs(neck_head, sets["valid"])[:4]
+    fp32 = _export_checked(
+        model, args.out, root, limit=args.limit, torch_out=torch_out, what="neck and head"
+    )
+    if fp32 is None:
+        return 1
+    return finish(root, fp32, args.out, best_epoch=best_epoch, epochs=args.epochs, limit=args.limit)
+
+
+def _export_checked(
+    model: onnx.ModelProto,
+    out: Path,
+    root: Path,
+    *,
+    limit: int | None,
+    torch_out: list[list[np.ndarray]],
+    what: str,
+) -> Path | None:
+    """Save the fp32 export and check that onnxruntime reproduces torch on 4 valid images."""
+    out.mkdir(parents=True, exist_ok=True)
+    fp32 = out / "person_detector.fp32.onnx"
     onnx.checker.check_model(model)
     onnx.save(model, str(fp32))
-    valid_images = [item.image for item in list_images(root / "valid")][: args.limit]
-    torch_out = head_outputs(neck_head, sets["valid"])[:4]
+    valid_images = [item.image for item in list_images(root / "valid")][:limit]
     onnx_out = onnx_outputs(fp32, valid_images[:4])
     diff = max(
         float(np.abs(a - b).max())
@@ -818,9 +836,9 @@ def stage2(args: argparse.Namespace, root: Path, start: Path) -> int:
     )
     _say(f"export check: max |onnx - torch| {diff:.2e}")
     if diff > 1e-2:
-        sys.stderr.write("the exported model does not reproduce the trained neck and head\n")
-        return 1
-    return finish(root, fp32, args.out, best_epoch=best_epoch, epochs=args.epochs, limit=args.limit)
+        sys.stderr.write(f"the exported model does not reproduce the trained {what}\n")
+        return None
+    return fp32
 
 
 # ---------------------------------------------------------------------------------------------
@@ -960,22 +978,12 @@ def stage3(args: argparse.Namespace, root: Path, start: Path) -> int:
             checkpoints=args.out / "checkpoints",
         )
     write_back(network.graph, model.graph)
-    args.out.mkdir(parents=True, exist_ok=True)
-    fp32 = args.out / "person_detector.fp32.onnx"
-    onnx.checker.check_model(model)
-    onnx.save(model, str(fp32))
-    valid_images = [item.image for item in list_images(root / "valid")][: args.limit]
     four = FeatureSet([valid.levels[0][:4]], valid.boxes[:4], valid.sizes[:4], valid.truths[:4])
     torch_out = head_outputs(network, four)
-    onnx_out = onnx_outputs(fp32, valid_images[:4])
-    diff = max(
-        float(np.abs(a - b).max())
-        for o, t in zip(onnx_out, torch_out, strict=True)
-        for a, b in zip(o, t, strict=True)
+    fp32 = _export_checked(
+        model, args.out, root, limit=args.limit, torch_out=torch_out, what="network"
     )
-    _say(f"export check: max |onnx - torch| {diff:.2e}")
-    if diff > 1e-2:
-        sys.stderr.write("the exported model does not reproduce the trained network\n")
+    if fp32 is None:
         return 1
     return finish(root, fp32, args.out, best_epoch=best_epoch, epochs=args.epochs, limit=args.limit)
 
