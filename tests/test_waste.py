@@ -368,7 +368,7 @@ def test_evaluation_on_the_unseen_sample_matches_the_documented_figures() -> Non
     model = load_model(CARD)
     evaluation = evaluate_classifier(model.run, model.card, data)
     assert evaluation.samples == 42
-    # docs/waste-classifier.md: 39/42 top-1, 42/42 top-3, calibrated ECE 0.034 (from 0.114).
+    # docs/waste-classifier.md (1.1.0): 39/42 top-1, 42/42 top-3, calibrated ECE 0.023 (from 0.148).
     assert evaluation.metrics["top1"] == pytest.approx(39 / 42)
     assert evaluation.metrics["top3"] == 1.0
     assert evaluation.metrics["ece_calibrated"] < evaluation.metrics["ece_raw"]

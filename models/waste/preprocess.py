@@ -1,9 +1,10 @@
 """Pure image pre- and post-processing of the waste classifier (no I/O, no logging).
 
-The model takes ``image`` float32 [batch, 3, 224, 224]: the whole photo resized to 224 x 224
-(aspect not kept: TrashNet's objects fill a 4:3 frame and a centre crop would cut them), RGB,
-scaled to 0..1 and normalised with ImageNet's mean and standard deviation, as the MobileNetV2
-backbone was trained. It returns ``logits`` float32 [batch, 6] in :data:`LABELS` order.
+The model takes ``image`` float32 [batch, 3, size, size], ``size`` from its card's input shape
+(:data:`IMAGE_SIZE` is only the default): the whole photo resized to size x size (aspect not
+kept: TrashNet's objects fill a 4:3 frame and a centre crop would cut them), RGB, scaled to 0..1
+and normalised with ImageNet's mean and standard deviation, as the MobileNetV2 backbone was
+trained. It returns ``logits`` float32 [batch, 6] in :data:`LABELS` order.
 """
 
 from __future__ import annotations

@@ -55,7 +55,7 @@ from models.waste.preprocess import IMAGE_SIZE, LABELS, decode_image, preprocess
 __all__ = ["main"]
 
 NAME = "waste_classifier"
-VERSION = "1.0.0"
+VERSION = "1.1.0"
 SEED = 20_261_122
 HERE = Path(__file__).resolve().parent
 BACKBONE = Path("onnx-models/mobilenetv2-12-int8/mobilenetv2-12-int8.onnx")
@@ -496,7 +496,7 @@ def _card(
         outputs=[TensorSpec(name="logits", shape=["batch", len(LABELS)], dtype="float32")],
         labels=list(LABELS),
         thresholds={"uncertain_below": 0.5},
-        preprocess="rgb_resize224_imagenet_norm",
+        preprocess=f"rgb_resize{size}_imagenet_norm",
         postprocess="mean_over_views_softmax_temperature",
         params=params,
         licence=(
@@ -534,6 +534,13 @@ def _parser() -> argparse.ArgumentParser:
         default=IMAGE_SIZE,
         help="square model input in pixels (the card records it; the service resizes to it)",
     )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=SEED,
+        help="training seed (augmentation, order, head init); another seed gives another "
+        "ensemble member",
+    )
     parser.add_argument("--limit", type=int, default=0, help="use only N training images (smoke)")
     parser.add_argument(
         "--init-fp32",
@@ -560,7 +567,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    torch.manual_seed(SEED)
+    torch.manual_seed(args.seed)
     root = args.data / "trashnet-train"
     if not (root / "index.csv").is_file():
         _say(f"{root}: TrashNet training data not found", err=True)
@@ -589,11 +596,18 @@ def main(argv: list[str] | None = None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         merge_members(args.members, size, fp32)
         cards = [load_card(m.with_suffix(".toml")) for m in args.members]
-        trained = f"{len(cards)} such networks in one graph, logits averaged: " + "; ".join(
-            c.description.split("; ", 1)[1].split(". Built")[0] for c in cards
+        sizes = " and ".join(f"{c.params.get('image_size', IMAGE_SIZE)} px" for c in cards)
+        trained = (
+            f"{len(cards)} networks (blocks {args.train_from_block}-16 and a new head "
+            f"fine-tuned on TrashNet, trained at {sizes}) in one graph averaging their logits, "
+            f"run at {size} x {size} px"
+            if len(cards) > 1
+            else f"blocks {args.train_from_block}-16 and a new head fine-tuned on TrashNet at "
+            f"{sizes}, run at {size} x {size} px"
         )
-        epochs = ",".join(str(c.metrics["best_epoch"]) for c in cards)
-        return finish(fp32, train_split, val_split, val_x, best_epoch=epochs, trained=trained)
+        epochs = [c.metrics["best_epoch"] for c in cards]
+        best: int | str = int(epochs[0]) if len(epochs) == 1 else ",".join(str(e) for e in epochs)
+        return finish(fp32, train_split, val_split, val_x, best_epoch=best, trained=trained)
     if args.from_fp32:
         epoch = load_card(args.out / "classifier.fp32.toml").metrics["best_epoch"]
         best_epoch = epoch if isinstance(epoch, str) else int(epoch)
@@ -632,7 +646,7 @@ def main(argv: list[str] | None = None) -> int:
         epochs=args.epochs,
         batch=args.batch,
         lr=args.lr,
-        seed=SEED,
+        seed=args.seed,
         size=size,
         checkpoint=checkpoint,
     )
