@@ -47,7 +47,7 @@ from gateway.analyzers.pool_runtime import PoolMonitor  # noqa: E402
 from gateway.config import InferenceSection  # noqa: E402
 from gateway.inference import InferenceEngine, load_model, session_options  # noqa: E402
 from gateway.types import Event, Reading  # noqa: E402
-from models.detection import DetectorSpec, decode, preprocess  # noqa: E402
+from models.detection import DetectorSpec, decode_views, preprocess, views  # noqa: E402
 from models.pool import DEFAULT_DETECTOR_CARD  # noqa: E402
 from models.pool.synth import read_video  # noqa: E402
 
@@ -88,7 +88,8 @@ def detector_alone(
     start = time.perf_counter()
     for frame in frames:
         tensor, transform = preprocess(frame, spec)
-        decode(session.run(None, {spec.input_name: tensor}), spec, transform)
+        outputs = [session.run(None, {spec.input_name: v}) for v in views(tensor, spec)]
+        decode_views(outputs, spec, transform)  # as the analyzer does (with the card's tta)
     return (time.perf_counter() - start) / len(frames)
 
 

@@ -11,15 +11,21 @@ how to feed and decode it:
   ``"yolox"``, ``"picodet"``; the pool detector is a one-class PicoDet-style head);
 * ``labels``: class names by index; ``[thresholds] score`` and ``nms_iou``;
   ``[params] keep_labels`` (comma-separated; empty = all), ``strides`` and ``reg_max`` where
-  the family needs them.
+  the family needs them;
+* ``[params] tta``: ``"none"`` (default) or ``"hflip"``: test-time augmentation, the model is
+  run on the image and on its mirror image (:func:`views`), the mirror's boxes are mirrored
+  back and the two views' boxes of one object are fused (:func:`decode_views`).
 
 :func:`detect` runs any object with ``.card`` and ``.run(feeds)`` (``gateway.inference``'s
 ``LoadedModel``) on an image and returns :class:`Detection` objects with boxes in the original
-image's pixels.
+image's pixels. Callers that run the model themselves (the pool analyzer through the inference
+engine, the evaluator) do the same three steps: :func:`preprocess`, one run per tensor of
+:func:`views`, :func:`decode_views`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -33,13 +39,17 @@ from models.card import ModelCard
 __all__ = [
     "DECODERS",
     "PREPROCESSORS",
+    "TTA_MODES",
     "Detection",
     "DetectorSpec",
     "Transform",
     "decode",
+    "decode_views",
     "detect",
+    "fuse_views",
     "nms",
     "preprocess",
+    "views",
 ]
 
 Box = tuple[float, float, float, float]
@@ -49,6 +59,10 @@ _MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 _STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 # YOLOX pads its letterbox with grey 114, as in its training pipeline.
 _PAD_VALUE = 114
+# ``[params] tta``: the views of one image the model is run on (see :func:`views`).
+TTA_MODES = ("none", "hflip")
+# With TTA, a view's candidates scoring below this count as "not seen in that view".
+TTA_FLOOR = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +118,7 @@ class DetectorSpec:
     keep: frozenset[int] | None  # class indices kept; None = all
     strides: tuple[int, ...]
     reg_max: int
+    tta: str = "none"  # one of TTA_MODES
 
     @classmethod
     def from_card(cls, card: ModelCard, source: str = "") -> DetectorSpec:
@@ -154,6 +169,9 @@ class DetectorSpec:
             raise ModelError(f"{where}: params.strides: a list of positive ints (got: {strides})")
         if not isinstance(reg_max, int) or reg_max < 1:
             raise ModelError(f"{where}: params.reg_max: a positive int (got: {reg_max!r})")
+        tta = card.params.get("tta", "none")
+        if tta not in TTA_MODES:
+            raise ModelError(f"{where}: params.tta: one of {list(TTA_MODES)} (got: {tta!r})")
         return cls(
             preprocess=card.preprocess,
             postprocess=card.postprocess,
@@ -166,6 +184,7 @@ class DetectorSpec:
             keep=keep,
             strides=tuple(int(s) for s in strides),
             reg_max=reg_max,
+            tta=str(tta),
         )
 
 
@@ -229,6 +248,15 @@ def preprocess(image: np.ndarray, spec: DetectorSpec) -> tuple[np.ndarray, Trans
     """
     _check_image(image)
     return PREPROCESSORS[spec.preprocess](image, spec)
+
+
+def views(tensor: np.ndarray, spec: DetectorSpec) -> list[np.ndarray]:
+    """The model inputs for one pre-processed image: itself, and with ``tta = "hflip"`` its
+    mirror image (the tensor flipped left-right; letterbox padding moves to the other side,
+    which :func:`decode_views` undoes by mirroring in input pixels)."""
+    if spec.tta == "hflip":
+        return [tensor, np.ascontiguousarray(tensor[..., ::-1])]
+    return [tensor]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,49 +422,160 @@ def decode(
 ) -> list[Detection]:
     """Model outputs -> detections in original-image pixels: threshold, per-class NMS, best first.
 
-    ``score_threshold`` overrides the card's (evaluation sweeps use a low one).
+    ``score_threshold`` overrides the card's (evaluation sweeps use a low one). The outputs of
+    one run on the image as pre-processed, whatever ``spec.tta`` says; :func:`decode_views`
+    takes one run per view.
     """
-    threshold = spec.score_threshold if score_threshold is None else score_threshold
-    if threshold != spec.score_threshold:
-        spec = _with_threshold(spec, threshold)
+    spec = _at(spec, score_threshold)
     boxes, scores, classes = DECODERS[spec.postprocess](outputs, spec)
-    chosen = scores >= threshold
+    return _detections(boxes, scores, classes, spec, transform)
+
+
+def decode_views(
+    outputs: Sequence[Sequence[np.ndarray]],
+    spec: DetectorSpec,
+    transform: Transform,
+    *,
+    score_threshold: float | None = None,
+) -> list[Detection]:
+    """The outputs of one run per tensor of :func:`views`, in that order -> detections in
+    original-image pixels, best first.
+
+    With ``tta = "hflip"`` the mirror view's boxes are mirrored back and the two views' boxes
+    are fused (:func:`fuse_views`): an object's score is the mean of its best score in each
+    view (0 in a view that does not see it), its box the score-weighted mean of its boxes. The
+    threshold applies to the fused score. With ``tta = "none"`` this is :func:`decode` of the
+    one run. ValueError if the number of runs does not fit ``spec.tta``.
+    """
+    expected = 2 if spec.tta == "hflip" else 1
+    if len(outputs) != expected:
+        raise ValueError(
+            f"tta {spec.tta!r} takes {expected} set(s) of model outputs (got: {len(outputs)})"
+        )
+    if expected == 1:
+        return decode(outputs[0], spec, transform, score_threshold=score_threshold)
+    threshold = spec.score_threshold if score_threshold is None else score_threshold
+    # Candidates are decoded at a fixed floor, not at the threshold, so that the fused score of
+    # an object does not depend on the threshold asked for (an evaluation's sweep and the
+    # gateway's threshold see the same fused detections).
+    low = _at(spec, min(threshold, TTA_FLOOR))
+    decoder = DECODERS[spec.postprocess]
+    boxes, scores, classes = decoder(outputs[0], low)
+    m_boxes, m_scores, m_classes = decoder(outputs[1], low)
+    # In the mirror view x runs the other way: x -> input_width - x, and x1, x2 swap.
+    back = np.empty_like(m_boxes)
+    back[:, 0] = spec.input_width - m_boxes[:, 2]
+    back[:, 1] = m_boxes[:, 1]
+    back[:, 2] = spec.input_width - m_boxes[:, 0]
+    back[:, 3] = m_boxes[:, 3]
+    fused_boxes, fused_scores, fused_classes = fuse_views(
+        np.concatenate([boxes, back]),
+        np.concatenate([scores, m_scores]),
+        np.concatenate([classes, m_classes]),
+        np.repeat(np.arange(2), [len(scores), len(m_scores)]),
+        n_views=2,
+        iou_threshold=spec.nms_iou,
+    )
+    chosen = fused_scores >= threshold
+    if spec.keep is not None:
+        chosen &= np.isin(fused_classes, np.fromiter(spec.keep, dtype=np.int64))
+    return _as_detections(
+        transform.to_original(fused_boxes[chosen]),
+        fused_scores[chosen],
+        fused_classes[chosen],
+        spec,
+    )
+
+
+def fuse_views(
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    classes: np.ndarray,
+    view: np.ndarray,
+    *,
+    n_views: int,
+    iou_threshold: float,
+) -> Candidates:
+    """Fuse the candidate boxes of several views of one image (all in the same pixels).
+
+    Per class, greedily by score: the best remaining box and every remaining box whose IoU with
+    it exceeds ``iou_threshold`` form one object (as NMS would suppress them). Its score is the
+    mean over the ``n_views`` views of each view's best score in the group (0 for a view with
+    none), its box the score-weighted mean of the group's boxes (a weighted box fusion).
+    ``view`` gives each candidate's view index. Returns fused boxes, scores, classes.
+    """
+    out_boxes: list[np.ndarray] = []
+    out_scores: list[float] = []
+    out_classes: list[int] = []
+    for cls in np.unique(classes):
+        idx = np.flatnonzero(classes == cls)
+        b, s, v = boxes[idx].astype(np.float32), scores[idx].astype(np.float32), view[idx]
+        left = np.argsort(-s, kind="stable")
+        while left.size:
+            lead = left[0]
+            group = left[box_iou(b[lead], b[left]) > iou_threshold]
+            group = np.union1d(group, [lead])
+            best = np.zeros(n_views, np.float32)
+            np.maximum.at(best, v[group], s[group])
+            weights = s[group]
+            out_boxes.append((b[group] * weights[:, None]).sum(axis=0) / weights.sum())
+            out_scores.append(float(best.sum()) / n_views)
+            out_classes.append(int(cls))
+            left = left[~np.isin(left, group)]
+    if not out_boxes:
+        return np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64)
+    return (
+        np.stack(out_boxes).astype(np.float32),
+        np.asarray(out_scores, np.float32),
+        np.asarray(out_classes, np.int64),
+    )
+
+
+def _at(spec: DetectorSpec, score_threshold: float | None) -> DetectorSpec:
+    if score_threshold is None or score_threshold == spec.score_threshold:
+        return spec
+    return dataclasses.replace(spec, score_threshold=score_threshold)
+
+
+def _detections(
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    classes: np.ndarray,
+    spec: DetectorSpec,
+    transform: Transform,
+) -> list[Detection]:
+    """Candidates in input pixels -> thresholded, per-class NMS, original pixels, best first."""
+    chosen = scores >= spec.score_threshold
     if spec.keep is not None:
         chosen &= np.isin(classes, np.fromiter(spec.keep, dtype=np.int64))
     boxes, scores, classes = boxes[chosen], scores[chosen], classes[chosen]
     if not len(scores):
         return []
     boxes = transform.to_original(boxes.astype(np.float32))
-    found: list[Detection] = []
-    for cls in np.unique(classes):
-        idx = np.flatnonzero(classes == cls)
-        for i in idx[nms(boxes[idx], scores[idx], spec.nms_iou)]:
-            b = boxes[i]
-            found.append(
-                Detection(
-                    spec.labels[int(cls)] if int(cls) < len(spec.labels) else str(int(cls)),
-                    float(scores[i]),
-                    (float(b[0]), float(b[1]), float(b[2]), float(b[3])),
-                )
-            )
+    kept = [
+        i
+        for cls in np.unique(classes)
+        for i in np.flatnonzero(classes == cls)[
+            nms(boxes[classes == cls], scores[classes == cls], spec.nms_iou)
+        ]
+    ]
+    return _as_detections(boxes[kept], scores[kept], classes[kept], spec)
+
+
+def _as_detections(
+    boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, spec: DetectorSpec
+) -> list[Detection]:
+    """Rows of boxes (image pixels), scores, classes -> Detection objects, best first."""
+    found = [
+        Detection(
+            spec.labels[int(c)] if int(c) < len(spec.labels) else str(int(c)),
+            float(s),
+            (float(b[0]), float(b[1]), float(b[2]), float(b[3])),
+        )
+        for b, s, c in zip(boxes, scores, classes, strict=True)
+    ]
     found.sort(key=lambda d: -d.score)
     return found
-
-
-def _with_threshold(spec: DetectorSpec, threshold: float) -> DetectorSpec:
-    return DetectorSpec(
-        preprocess=spec.preprocess,
-        postprocess=spec.postprocess,
-        input_name=spec.input_name,
-        input_width=spec.input_width,
-        input_height=spec.input_height,
-        labels=spec.labels,
-        score_threshold=threshold,
-        nms_iou=spec.nms_iou,
-        keep=spec.keep,
-        strides=spec.strides,
-        reg_max=spec.reg_max,
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -462,10 +601,11 @@ def detect(
     """Run ``model`` on a BGR uint8 image; detections in the image's pixels, best first.
 
     ``spec`` defaults to the model card's (pass it to avoid re-reading the card per frame).
+    With ``tta = "hflip"`` the model runs twice (the image and its mirror image).
     ValueError for an image that is not BGR uint8; ModelError for a failed run.
     """
     if spec is None:
         spec = DetectorSpec.from_card(model.card)
     tensor, transform = preprocess(image, spec)
-    outputs = model.run({spec.input_name: tensor}, check=False)
-    return decode(outputs, spec, transform, score_threshold=score_threshold)
+    outputs = [model.run({spec.input_name: view}, check=False) for view in views(tensor, spec)]
+    return decode_views(outputs, spec, transform, score_threshold=score_threshold)

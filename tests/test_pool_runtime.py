@@ -8,6 +8,7 @@ them.
 from __future__ import annotations
 
 import asyncio
+import shutil
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from gateway.config import InferenceSection
 from gateway.health import Metrics
 from gateway.inference import InferenceEngine
 from gateway.types import Event, Reading, Severity
+from models.card import dump_card, load_card
 from models.pool.synth import read_video
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -282,3 +284,29 @@ async def test_an_unwatched_pool_is_named_in_the_systemd_status(tmp_path: Path) 
     assert messages[0].startswith("READY=1\nSTATUS=")
     assert "; pool main NOT monitoring (" in messages[0]
     assert "pool main NOT monitoring (detector_unavailable" in messages[-1]
+
+
+async def test_a_detector_card_with_tta_runs_the_model_on_each_frame_and_its_mirror(
+    tmp_path: Path,
+) -> None:
+    card = load_card(GENERIC)
+    shutil.copy(GENERIC.with_name(card.file), tmp_path / card.file)
+    tta_card = tmp_path / "fastestdet_tta.toml"
+    tta_card.write_text(
+        dump_card(card.model_copy(update={"params": {**card.params, "tta": "hflip"}}))
+    )
+    out = Collect()
+    async with InferenceEngine(InferenceSection(threads=1)) as engine:
+        monitor = PoolMonitor(
+            "main",
+            pool_config(CLIP, detector_card=str(tta_card)),
+            engine,
+            InferenceSection(),
+            Metrics(),
+        )
+        await monitor.run(out.emit, out.report)
+        (lane,) = engine.stats()["models"].values()
+    assert out.errors == []
+    assert monitor.counters["frames"] > 0
+    assert lane["calls"] == 2 * monitor.counters["frames"]
+    assert [kind for _t, kind, _track in monitor.history] == ["candidate", "alarm"]

@@ -62,7 +62,14 @@ from gateway.types import (
     utc_now,
 )
 from models.card import load_card
-from models.detection import Detection, DetectorSpec, Transform, decode, preprocess
+from models.detection import (
+    Detection,
+    DetectorSpec,
+    Transform,
+    decode_views,
+    preprocess,
+    views,
+)
 
 __all__ = ["PoolMonitor", "pool_commands"]
 
@@ -339,8 +346,11 @@ class PoolMonitor:
                 tensor, transform = prepared.tensor, prepared.transform
             else:
                 tensor, transform = preprocess(image, spec)
-            outputs = await engine.run(name, {spec.input_name: tensor})
-            found = decode(outputs, spec, transform, score_threshold=self.cfg.score_threshold)
+            # With the card's tta = "hflip" the model runs on the frame and its mirror image.
+            outputs = [
+                await engine.run(name, {spec.input_name: view}) for view in views(tensor, spec)
+            ]
+            found = decode_views(outputs, spec, transform, score_threshold=self.cfg.score_threshold)
         except (ModelError, ValueError) as exc:
             self._detector_failures += 1
             self.counters["detector_errors"] += 1

@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 
 from models.card import ModelCard
-from models.detection import DetectorSpec, decode, preprocess
+from models.detection import DetectorSpec, decode_views, preprocess, views
 from models.evaluation import Evaluation, EvaluationUnavailableError, Runner
 from models.pool.data import EVALUATION_SET, list_images, read_boxes
 from models.pool.metrics import ImageResult, average_precision, match, score_at
@@ -50,8 +50,8 @@ def evaluate_detector(run: Runner, card: ModelCard, data_dir: Path) -> Evaluatio
             raise EvaluationUnavailableError(f"{item.image}: not a readable image")
         h, w = image.shape[:2]
         tensor, transform = preprocess(image, spec)
-        outputs = run({spec.input_name: tensor})
-        found = decode(
+        outputs = [run({spec.input_name: view}) for view in views(tensor, spec)]
+        found = decode_views(
             outputs, spec, transform, score_threshold=min(AP_FLOOR, spec.score_threshold)
         )
         boxes = np.array([d.box for d in found], np.float32).reshape(-1, 4)
