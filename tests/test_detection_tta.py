@@ -45,6 +45,8 @@ def _with_tta(model: LoadedModel, tta: str) -> DetectorSpec:
 
 
 def test_the_card_option_is_read_and_checked(model: LoadedModel) -> None:
+    assert DetectorSpec.from_card(model.card).tta == "hflip"  # the shipped card (1.3.0)
+    assert DetectorSpec.from_card(model.card.model_copy(update={"params": {}})).tta == "none"
     assert _with_tta(model, "hflip").tta == "hflip"
     assert _with_tta(model, "none").tta == "none"
     with pytest.raises(ModelError, match=r"x\.toml: params\.tta: .*'vflip'"):
@@ -64,8 +66,7 @@ def test_views_are_the_tensor_and_its_mirror(model: LoadedModel) -> None:
 @pytest.mark.parametrize("image_path", SWIMMERS, ids=lambda p: p.stem)
 def test_tta_off_is_one_run_decoded_as_before(model: LoadedModel, image_path: Path) -> None:
     image = cv2.imread(str(image_path))
-    spec = DetectorSpec.from_card(model.card)
-    assert spec.tta == "none"
+    spec = _with_tta(model, "none")
     tensor, transform = preprocess(image, spec)
     outputs = model.run({spec.input_name: tensor})
     expected = decode(outputs, spec, transform, score_threshold=0.2)
