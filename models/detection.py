@@ -475,6 +475,7 @@ def decode_views(
         np.repeat(np.arange(2), [len(scores), len(m_scores)]),
         n_views=2,
         iou_threshold=spec.nms_iou,
+        min_score=threshold,
     )
     chosen = fused_scores >= threshold
     if spec.keep is not None:
@@ -495,6 +496,7 @@ def fuse_views(
     *,
     n_views: int,
     iou_threshold: float,
+    min_score: float = 0.0,
 ) -> Candidates:
     """Fuse the candidate boxes of several views of one image (all in the same pixels).
 
@@ -503,6 +505,11 @@ def fuse_views(
     mean over the ``n_views`` views of each view's best score in the group (0 for a view with
     none), its box the score-weighted mean of the group's boxes (a weighted box fusion).
     ``view`` gives each candidate's view index. Returns fused boxes, scores, classes.
+
+    Groups whose best box scores below ``min_score`` are not formed: a fused score is at most
+    its group's best, and the groups before them are already complete, so the result above
+    ``min_score`` is the same, without one pass per low-scoring candidate (at the 0.05 floor,
+    most of them).
     """
     out_boxes: list[np.ndarray] = []
     out_scores: list[float] = []
@@ -513,6 +520,8 @@ def fuse_views(
         left = np.argsort(-s, kind="stable")
         while left.size:
             lead = left[0]
+            if s[lead] < min_score:
+                break
             group = left[box_iou(b[lead], b[left]) > iou_threshold]
             group = np.union1d(group, [lead])
             best = np.zeros(n_views, np.float32)

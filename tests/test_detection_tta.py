@@ -22,6 +22,7 @@ from models.detection import (
     decode,
     decode_views,
     detect,
+    fuse_views,
     preprocess,
     views,
 )
@@ -177,3 +178,25 @@ def _picodet_outputs(
         outputs_scores.append(scores)
         outputs_boxes.append(dists)
     return outputs_scores + outputs_boxes
+
+
+def test_fusing_only_groups_that_can_reach_the_threshold_changes_nothing_above_it() -> None:
+    # fuse_views stops at the first group whose best box is below min_score (the analyzer's
+    # threshold): what it returns at or above min_score is what a full pass returns there.
+    rng = np.random.default_rng(11)
+    for _ in range(200):
+        n = int(rng.integers(0, 40))
+        xy = rng.uniform(0, 300, (n, 2))
+        wh = rng.uniform(5, 80, (n, 2))
+        boxes = np.hstack([xy, xy + wh]).astype(np.float32)
+        scores = rng.uniform(0.05, 1.0, n).astype(np.float32)
+        classes = rng.integers(0, 2, n)
+        view = rng.integers(0, 2, n)
+        threshold = float(rng.uniform(0.1, 0.9))
+        fused = [
+            fuse_views(boxes, scores, classes, view, n_views=2, iou_threshold=0.5, min_score=m)
+            for m in (0.0, threshold)
+        ]
+        kept = [(b[s >= threshold], s[s >= threshold], c[s >= threshold]) for b, s, c in fused]
+        for full, early in zip(kept[0], kept[1], strict=True):
+            np.testing.assert_array_equal(full, early)
