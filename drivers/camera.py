@@ -263,7 +263,11 @@ class CameraSource:
             fps = cap.get(cv2.CAP_PROP_FPS) or 25.0
             last_t = 0.0
             # The next frame is decoded while the caller analyses this one (a thread each).
-            read = functools.partial(_read_due, cap, fps, prepare=self.prepare)
+            # ``busy`` is held while a thread uses the capture: a cancelled to_thread task is
+            # done at once while its thread still reads, so "done" cannot tell when the
+            # capture is free to release (releasing it under a read hung a CI run).
+            busy = threading.Lock()
+            read = functools.partial(_read_due, cap, fps, prepare=self.prepare, busy=busy)
             pending = asyncio.ensure_future(asyncio.to_thread(read, 0, 0.0))
             try:
                 while True:
@@ -280,10 +284,15 @@ class CameraSource:
                     yield Frame(arr, offset_s + last_t, seq, prepared)
             finally:
                 # A read in progress cannot be interrupted: the capture is released after it.
-                if pending.done():
-                    cap.release()
+                if busy.acquire(blocking=False):
+                    try:
+                        cap.release()
+                    finally:
+                        busy.release()
                 else:
-                    pending.add_done_callback(functools.partial(_release, cap))
+                    threading.Thread(
+                        target=_release_when_free, args=(cap, busy), daemon=True
+                    ).start()
             if not settings.loop:
                 self.state = "ended"
                 return
@@ -393,8 +402,9 @@ class CameraSource:
         return delay * (0.5 + random.random() / 2)  # noqa: S311 -- timing, not security
 
 
-def _release(cap: cv2.VideoCapture, _done: object) -> None:
-    cap.release()
+def _release_when_free(cap: cv2.VideoCapture, busy: threading.Lock) -> None:
+    with busy:
+        cap.release()
 
 
 def _read_due(
@@ -404,9 +414,22 @@ def _read_due(
     due_s: float,
     *,
     prepare: Callable[[npt.NDArray[np.uint8]], object] | None,
+    busy: threading.Lock,
 ) -> tuple[int, npt.NDArray[np.uint8], object] | None:
     """Read a file to the first frame at or after ``due_s`` (frames before it are grabbed, not
-    converted), and prepare it."""
+    converted), and prepare it. ``busy`` is held while the capture is used."""
+    with busy:
+        return _read_due_locked(cap, fps, index, due_s, prepare=prepare)
+
+
+def _read_due_locked(
+    cap: cv2.VideoCapture,
+    fps: float,
+    index: int,
+    due_s: float,
+    *,
+    prepare: Callable[[npt.NDArray[np.uint8]], object] | None,
+) -> tuple[int, npt.NDArray[np.uint8], object] | None:
     while index / fps < due_s:
         if not cap.grab():
             return None
