@@ -813,6 +813,29 @@ def stage2(args: argparse.Namespace, root: Path, start: Path) -> int:
     return finish(root, fp32, args.out, best_epoch=best_epoch, epochs=args.epochs, limit=args.limit)
 
 
+def _reproduces(
+    fp32: Path,
+    root: Path,
+    *,
+    limit: int | None,
+    torch_out: list[list[np.ndarray]],
+    what: str,
+) -> bool:
+    """Whether onnxruntime on the export gives what torch gave, on the first 4 valid images."""
+    valid_images = [item.image for item in list_images(root / "valid")][:limit]
+    onnx_out = onnx_outputs(fp32, valid_images[:4])
+    diff = max(
+        float(np.abs(a - b).max())
+        for o, t in zip(onnx_out, torch_out, strict=True)
+        for a, b in zip(o, t, strict=True)
+    )
+    _say(f"export check: max |onnx - torch| {diff:.2e}")
+    if diff > 1e-2:
+        sys.stderr.write(f"the exported model does not reproduce the trained {what}\n")
+        return False
+    return True
+
+
 def _export_checked(
     model: onnx.ModelProto,
     out: Path,
@@ -827,16 +850,7 @@ def _export_checked(
     fp32 = out / "person_detector.fp32.onnx"
     onnx.checker.check_model(model)
     onnx.save(model, str(fp32))
-    valid_images = [item.image for item in list_images(root / "valid")][:limit]
-    onnx_out = onnx_outputs(fp32, valid_images[:4])
-    diff = max(
-        float(np.abs(a - b).max())
-        for o, t in zip(onnx_out, torch_out, strict=True)
-        for a, b in zip(o, t, strict=True)
-    )
-    _say(f"export check: max |onnx - torch| {diff:.2e}")
-    if diff > 1e-2:
-        sys.stderr.write(f"the exported model does not reproduce the trained {what}\n")
+    if not _reproduces(fp32, root, limit=limit, torch_out=torch_out, what=what):
         return None
     return fp32
 
@@ -1068,18 +1082,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     fp32 = args.out / "person_detector.fp32.onnx"
     export(picodet, head, fp32)
-    valid_images = [item.image for item in list_images(root / "valid")][: args.limit]
     # The exported graph must give what the torch head gave.
     torch_out = head_outputs(head, valid)[:4]
-    onnx_out = onnx_outputs(fp32, valid_images[:4])
-    diff = max(
-        float(np.abs(a - b).max())
-        for o, t in zip(onnx_out, torch_out, strict=True)
-        for a, b in zip(o, t, strict=True)
-    )
-    _say(f"export check: max |onnx - torch| {diff:.2e}")
-    if diff > 1e-2:
-        sys.stderr.write("the exported model does not reproduce the trained head\n")
+    if not _reproduces(fp32, root, limit=args.limit, torch_out=torch_out, what="head"):
         return 1
     return finish(root, fp32, args.out, best_epoch=best_epoch, epochs=args.epochs, limit=args.limit)
 
