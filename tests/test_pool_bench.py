@@ -5,26 +5,14 @@ Figures are printed by the benchmark, never asserted here (a shared CI machine i
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support.bench import run_bench
 
 pytestmark = pytest.mark.slow
 
 
 def test_pool_pipeline_benchmark_quick_run() -> None:
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "pool_pipeline.py"), "--quick", "--size", "320x240"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-        cwd=ROOT,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    stdout = run_bench("pool_pipeline.py", "--quick", "--size", "320x240")
     for row in ("bare session.run", "detector alone", "pool pipeline", "overhead", "RSS:"):
-        assert row in result.stdout, row
+        assert row in stdout, row
