@@ -218,7 +218,8 @@ class _Protocol(asyncio.Protocol):
         # consumer acknowledges a malformed or duplicate message at once and a good one only
         # after its commit.
         self._arrived: deque[int] = deque()
-        self._early: dict[int, int] = {}
+        # An id is in flight at most once (the broker reuses it only after our PUBACK).
+        self._early: set[int] = set()
         # When the oldest unacknowledged message became the oldest (see stalled_s).
         self._head_since = 0.0
         self.connack: asyncio.Future[tuple[int, bool]] = self._loop.create_future()
@@ -444,16 +445,13 @@ class _Protocol(asyncio.Protocol):
         arrived = self._arrived
         if arrived and arrived[0] != packet_id and packet_id in arrived:
             # An earlier message is still being committed: this PUBACK waits for that one.
-            self._early[packet_id] = self._early.get(packet_id, 0) + 1
+            self._early.add(packet_id)
             return
         self._send_ack(packet_id)
         early = self._early
         while early and arrived and arrived[0] in early:
             head = arrived[0]
-            if early[head] == 1:
-                del early[head]
-            else:
-                early[head] -= 1
+            early.discard(head)
             self._send_ack(head)
         self._resume_if_room()
         if not self._ack_scheduled:
