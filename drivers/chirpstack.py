@@ -162,11 +162,12 @@ class _SessionLostError(Exception):
 
 
 @dataclass(frozen=True, slots=True)
-class _Duplicate:
-    """An uplink frame the source has already taken (see ChirpStackSource._process)."""
+class _Frame:
+    """One uplink frame (devEUI, fCnt) and what it became; a duplicate becomes nothing."""
 
-    dev_eui: str
-    f_cnt: int
+    key: tuple[str, int]
+    items: list[Reading | Event]
+    duplicate: bool = False
 
 
 class ChirpStackSource:
@@ -196,7 +197,6 @@ class ChirpStackSource:
         # Uplink frames handed to the pipeline and not committed yet, with the acknowledgements
         # of copies that arrived meanwhile (see _process).
         self._uncommitted: dict[tuple[str, int], list[Callable[[], None]]] = {}
-        self._frame: tuple[str, int] | None = None
 
     @property
     def tracker(self) -> LinkTracker:
@@ -401,19 +401,8 @@ class ChirpStackSource:
         report_error: ReportError,
         ack: Callable[[], None],
     ) -> None:
-        self._frame = None
         try:
-            items = self._parse(topic, payload, report_error)
-            if isinstance(items, _Duplicate):
-                # A copy (another gateway's, or the broker's again after a reconnect) of a frame
-                # whose events are not committed yet is acknowledged with the original: acked
-                # now, a crash before that commit would lose the frame from both.
-                waiting = self._uncommitted.get((items.dev_eui, items.f_cnt))
-                if waiting is None:
-                    ack()
-                else:
-                    waiting.append(ack)
-                return
+            parsed = self._parse(topic, payload, report_error)
         except CodecError as exc:
             self._count("malformed")
             report_error("malformed_message", str(exc))
@@ -426,12 +415,21 @@ class ChirpStackSource:
             report_error("malformed_message", f"{topic[:200]}: {exc}")
             ack()
             return
+        frame, items = (parsed.key, parsed.items) if isinstance(parsed, _Frame) else (None, parsed)
+        if isinstance(parsed, _Frame) and parsed.duplicate:
+            # A copy (another gateway's, or the broker's again after a reconnect) of a frame
+            # whose events are not committed yet is acknowledged with the original: acked now,
+            # a crash before that commit would lose the frame from both.
+            waiting = self._uncommitted.get(parsed.key)
+            if waiting is None:
+                ack()
+            else:
+                waiting.append(ack)
+            return
         if not items:
             ack()
             return
-        frame = self._frame
         if frame is not None:
-            self._frame = None
             copies: list[Callable[[], None]] = []
             self._uncommitted[frame] = copies
 
@@ -449,7 +447,7 @@ class ChirpStackSource:
 
     def _parse(
         self, topic: str, payload: bytes, report_error: ReportError
-    ) -> list[Reading | Event] | _Duplicate:
+    ) -> list[Reading | Event] | _Frame:
         application_id, dev_eui, event_type = parse_topic(topic)
         marshaler = self._broker.marshaler
         if event_type == "up" and (
@@ -521,7 +519,7 @@ class ChirpStackSource:
 
     def _uplink(
         self, application_id: str, dev_eui: str, msg: Uplink, report_error: ReportError
-    ) -> list[Reading | Event] | _Duplicate:
+    ) -> _Frame:
         now = self._clock()
         ts = msg.time or datetime.fromtimestamp(now, UTC)
         link_state = self._tracker.device(dev_eui)
@@ -531,22 +529,22 @@ class ChirpStackSource:
         # deduplicationId names one radio frame however many gateways heard it; without it,
         # devEui + fCnt within the window does the same job.
         key = msg.deduplication_id or f"{dev_eui}:{msg.f_cnt}"
+        frame = (dev_eui, msg.f_cnt)
         if self._tracker.is_duplicate(dev_eui, msg.f_cnt, msg.deduplication_id, now):
             self._count("duplicates")
-            return _Duplicate(dev_eui, msg.f_cnt)
-        # Which frame the items about to be built belong to, for _process.
-        self._frame = (dev_eui, msg.f_cnt)
+            return _Frame(frame, [], duplicate=True)
         rule = self._catalog.match(dev_eui, msg.device_profile_name, msg.tags)
         if rule is None:
             self._count("unknown_device")
             report_error("unknown_device", f"device {dev_eui} ({msg.device_profile_name!r})")
             if dev_eui in self._unknown_reported:
-                return []
+                return _Frame(frame, [])
             self._unknown_reported.add(dev_eui)
             values = [Measurement("device_profile", msg.device_profile_name[:256])]
-            return [
-                self._event("unknown_device", dev_eui, ts, key, values, severity=Severity.WARNING)
-            ]
+            unknown = self._event(
+                "unknown_device", dev_eui, ts, key, values, severity=Severity.WARNING
+            )
+            return _Frame(frame, [unknown])
         self._rules[dev_eui] = rule
         if rule.expected_interval_s is not None:
             link_state.expected_interval_s = rule.expected_interval_s
@@ -564,7 +562,7 @@ class ChirpStackSource:
             out.append(
                 self._event("decode_error", dev_eui, ts, key, error, severity=Severity.WARNING)
             )
-            return out
+            return _Frame(frame, out)
         link = [Measurement("f_cnt", msg.f_cnt)]
         if rssi is not None:
             link.append(Measurement("rssi", rssi, "dB[mW]"))
@@ -580,7 +578,7 @@ class ChirpStackSource:
                 event_id=stable_event_id(key, ts),
             )
         )
-        return out
+        return _Frame(frame, out)
 
     def _event(
         self,
