@@ -117,6 +117,44 @@ def test_plain_resize_scales_each_axis() -> None:
     assert tensor[0, 0, 0, 0] == pytest.approx((1 - 0.485) / 0.229, rel=1e-5)
 
 
+def _numpy_tensor(image: np.ndarray, name: str, spec: DetectorSpec) -> np.ndarray:
+    """What each preprocessor means, written out in plain numpy (the models were trained and
+    their cards measured on these tensors)."""
+    if name == "letterbox_bgr_114":
+        h, w = image.shape[:2]
+        r = min(spec.input_width / w, spec.input_height / h)
+        nw, nh = max(1, round(w * r)), max(1, round(h * r))
+        canvas = np.full((spec.input_height, spec.input_width, 3), 114, np.uint8)
+        canvas[:nh, :nw] = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_LINEAR)
+        return canvas.astype(np.float32).transpose(2, 0, 1)[None]
+    resized = cv2.resize(
+        image, (spec.input_width, spec.input_height), interpolation=cv2.INTER_LINEAR
+    ).astype(np.float32) * np.float32(1 / 255)
+    if name == "resize_bgr_unit":
+        return resized.transpose(2, 0, 1)[None]
+    mean = np.array([0.485, 0.456, 0.406], np.float32)
+    std = np.array([0.229, 0.224, 0.225], np.float32)
+    return ((resized[:, :, ::-1] - mean) / std).transpose(2, 0, 1)[None]
+
+
+@pytest.mark.parametrize("name", ["letterbox_bgr_114", "resize_bgr_unit", "resize_rgb_imagenet"])
+def test_preprocessors_give_the_plain_numpy_tensor_bit_for_bit(name: str) -> None:
+    spec = _toy_spec(name)
+    rng = np.random.default_rng(7)
+    # Channels on different ranges, so a swapped channel order cannot pass.
+    image = np.stack(
+        [
+            rng.integers(0, 80, (90, 70)),
+            rng.integers(80, 170, (90, 70)),
+            rng.integers(170, 256, (90, 70)),
+        ],
+        axis=-1,
+    ).astype(np.uint8)
+    tensor, _ = preprocess(image, spec)
+    assert tensor.dtype == np.float32 and tensor.flags.c_contiguous
+    np.testing.assert_array_equal(tensor, _numpy_tensor(image, name, spec))
+
+
 def test_preprocess_refuses_non_bgr_images() -> None:
     spec = _toy_spec()
     with pytest.raises(ValueError, match="BGR uint8"):
