@@ -26,7 +26,7 @@ import random
 import re
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -236,7 +236,7 @@ class CameraSource:
             "counters": dict(self.counters),
         }
 
-    async def frames(self) -> AsyncIterator[Frame | None]:
+    async def frames(self) -> AsyncGenerator[Frame | None, None]:
         if self.settings.kind == "file" and self.settings.pace == "fast":
             async for frame in self._file_frames():
                 yield frame

@@ -310,3 +310,63 @@ async def test_a_detector_card_with_tta_runs_the_model_on_each_frame_and_its_mir
     assert monitor.counters["frames"] > 0
     assert lane["calls"] == 2 * monitor.counters["frames"]
     assert [kind for _t, kind, _track in monitor.history] == ["candidate", "alarm"]
+
+
+async def test_a_frame_is_finished_without_waiting_for_the_next_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The detector runs one frame ahead, but a live camera that delivers one frame and then
+    nothing must still get that frame judged: its verdict comes, the next frame does not."""
+    from drivers.camera import Frame
+
+    first = read_video(CLIP)[0]
+    taken = asyncio.Event()
+    out = Collect()
+    judged = asyncio.Event()
+
+    async def emit(item: Reading | Event, on_stored: Any = None) -> None:
+        await out.emit(item)
+        judged.set()
+
+    async def one_frame_then_silence() -> Any:
+        yield Frame(first, 0.0, 1)
+        taken.set()
+        await asyncio.Event().wait()  # the camera's next frame never comes
+        yield None
+
+    async with InferenceEngine(InferenceSection(threads=1)) as engine:
+        monitor = PoolMonitor("main", pool_config(CLIP), engine, InferenceSection(), Metrics())
+        monkeypatch.setattr(monitor.camera, "frames", one_frame_then_silence)
+        task = asyncio.create_task(monitor.run(emit, out.report))
+        async with asyncio.timeout(30):
+            await taken.wait()
+            await judged.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert out.values("pool_status") == [{"pool": "main", "state": "monitoring", "reasons": "ok"}]
+    assert monitor.counters["frames"] == 1
+    assert out.errors == []
+
+
+async def test_frames_are_judged_in_camera_order_with_one_running_ahead(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The tracker and the state machine see every frame of the clip once, in order, although
+    the next frame's detection starts before the previous one is finished."""
+    out = Collect()
+    seen: list[float] = []
+    async with InferenceEngine(InferenceSection(threads=1)) as engine:
+        monitor = PoolMonitor("main", pool_config(CLIP), engine, InferenceSection(), Metrics())
+        step = monitor.analyzer.step
+
+        def spy(t_s: float, *args: Any) -> Any:
+            seen.append(t_s)
+            return step(t_s, *args)
+
+        monkeypatch.setattr(monitor.analyzer, "step", spy)
+        await monitor.run(out.emit, out.report)
+    frames = len(read_video(CLIP))
+    assert seen == [i / 4.0 for i in range(frames)]  # the clip is 4 frames/s, analysed at 4
+    assert monitor.counters["frames"] == frames
+    assert out.errors == []

@@ -16,12 +16,14 @@ A :class:`PoolMonitor` is one of the gateway's sources: it reads its camera
 ``pool_false_alarm``        an operator's "false alarm" feedback (operator id, note)
 ``pool_zone``               a detection-off zone switched off / back on / expired
 
-Frames exist only inside :meth:`PoolMonitor._analyse`; the events carry numbers and short strings.
+Frames exist only from :meth:`PoolMonitor._begin` to the end of their detection; the events carry
+numbers and short strings.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import time
 from collections import Counter, deque
@@ -90,6 +92,22 @@ _SIGNAL_KIND = {
     "alarm": ("pool_alarm", Severity.ALARM),
     "alarm_movement": ("pool_alarm_movement", Severity.WARNING),
 }
+
+
+@dataclass(frozen=True, slots=True)
+class _InFlight:
+    """A frame being analysed: its time and size, and its detection (which holds the image)."""
+
+    t_s: float
+    width: int
+    height: int
+    detections: asyncio.Task[list[Detection] | None]
+
+
+# Frames held at once: one being finished on the event loop, one in the detector.
+_FRAMES_IN_FLIGHT = 2
+# The camera's frames have ended (anext's default).
+_END: Any = object()
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,13 +266,7 @@ class PoolMonitor:
                 else None
             )
             try:
-                async for frame in self.camera.frames():
-                    if frame is None:
-                        continue  # the ticker notices a silent camera
-                    self._last_arrival = self._clock()
-                    await self._analyse(frame.image, frame.t_s, frame.prepared)
-                    # The frame is dropped here: the loop variable is the last reference.
-                    del frame
+                await self._analyse_frames()
                 if self.cfg.camera.pace != "fast":
                     # A camera stream that ended for good (a realtime file without loop):
                     # the pool is not watched any more, which must be said, and a raised alarm
@@ -313,12 +325,60 @@ class PoolMonitor:
                 alarm.repeats += 1
                 await self._send_alarm(alarm, now)
 
-    async def _analyse(
-        self, image: npt.NDArray[np.uint8], t_s: float, prepared: object = None
+    async def _analyse_frames(self) -> None:
+        """Analyse the camera's frames in order, one frame's detection running ahead.
+
+        While the event loop finishes a frame (box decoding, tracker, state machine, events),
+        the detector already runs on the next one: the model is not left idle for that time
+        (about 2 ms a frame at 1280x720 on this machine; the pool pipeline's overhead over a
+        bare run went from +15 % to +10 %, bench/README.md). At most ``_FRAMES_IN_FLIGHT`` frames
+        are held: the next frame is taken from the camera only when a slot is free, so a live
+        camera still hands over its newest frame, and a frame is finished as soon as its
+        detection is done, not when the next frame comes.
+        """
+        in_flight: asyncio.Queue[_InFlight] = asyncio.Queue()
+        slots = asyncio.Semaphore(_FRAMES_IN_FLIGHT)
+        finisher = asyncio.create_task(
+            self._finish_in_order(in_flight, slots), name=f"pool:{self.name}:finish"
+        )
+        try:
+            async with contextlib.aclosing(self.camera.frames()) as frames:
+                while True:
+                    await slots.acquire()
+                    frame = await anext(frames, _END)
+                    if frame is None or frame is _END:
+                        slots.release()
+                        if frame is _END:
+                            break
+                        continue  # the ticker notices a silent camera
+                    self._last_arrival = self._clock()
+                    in_flight.put_nowait(self._begin(frame.image, frame.t_s, frame.prepared))
+                    # The frame is dropped here: its detection task holds the last reference.
+                    del frame
+            await in_flight.join()
+        finally:
+            finisher.cancel()
+            while not in_flight.empty():
+                in_flight.get_nowait().detections.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await finisher
+
+    async def _finish_in_order(
+        self, in_flight: asyncio.Queue[_InFlight], slots: asyncio.Semaphore
     ) -> None:
+        while True:
+            frame = await in_flight.get()
+            try:
+                await self._finish(frame)
+            finally:
+                slots.release()
+                in_flight.task_done()
+
+    def _begin(
+        self, image: npt.NDArray[np.uint8], t_s: float, prepared: object = None
+    ) -> _InFlight:
+        """Camera health (twice a second) and the detector started on one frame."""
         self.counters["frames"] += 1
-        self._last_frame_t = t_s
-        change: HealthChange | None = None
         if self._health_t is None or t_s - self._health_t >= _HEALTH_PERIOD_S:
             # Camera health changes over seconds: two looks a second are plenty, and the
             # detector's frames/s do not pay for it on every frame.
@@ -326,13 +386,19 @@ class PoolMonitor:
             grey = small_grey(image)
             stats = compute_stats(grey, self._grey)
             self._grey = grey
-            change = self.health.observe(t_s, stats)
-        detections = await self._detect(image, prepared)
+            self.health.observe(t_s, stats)
         height, width = image.shape[:2]
-        await self._report_status(change)
+        task = asyncio.create_task(self._detect(image, prepared), name=f"pool:{self.name}:detect")
+        return _InFlight(t_s, width, height, task)
+
+    async def _finish(self, frame: _InFlight) -> None:
+        """The frame's detections through the tracker and the state machine, in frame order."""
+        detections = await frame.detections
+        self._last_frame_t = frame.t_s
+        await self._report_status(None)
         if detections is None:
             return
-        for signal in self.analyzer.step(t_s, detections, width, height):
+        for signal in self.analyzer.step(frame.t_s, detections, frame.width, frame.height):
             await self._on_signal(signal)
 
     async def _detect(
@@ -347,9 +413,11 @@ class PoolMonitor:
             else:
                 tensor, transform = preprocess(image, spec)
             # With the card's tta = "hflip" the model runs on the frame and its mirror image.
-            outputs = [
-                await engine.run(name, {spec.input_name: view}) for view in views(tensor, spec)
-            ]
+            # Both views are queued at once: they run back to back (or as one batch where the
+            # card's batch dim is free), with no trip through the event loop in between.
+            outputs = await asyncio.gather(
+                *(engine.run(name, {spec.input_name: view}) for view in views(tensor, spec))
+            )
             found = decode_views(outputs, spec, transform, score_threshold=self.cfg.score_threshold)
         except (ModelError, ValueError) as exc:
             self._detector_failures += 1
