@@ -827,3 +827,67 @@ async def test_synchronous_modes(tmp_path: Path, synchronous: str) -> None:
         assert outbox.depth() == 45
         rows = await outbox.fetch(100)
         assert {r.event_id for r in rows} == {e.event_id for e in events} - acked
+
+
+# -- fetch, ack, rewind and restart at random -------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(12))
+async def test_fetch_ack_rewind_restart_against_a_model(tmp_path: Path, seed: int) -> None:
+    """Random puts (both lanes, one or many per commit), fetches of random size, acks, rewinds
+    and restarts: every fetch hands out exactly what a plain reading of the lanes would."""
+    rng = random.Random(seed)
+    path = tmp_path / "o.sqlite3"
+    stored: dict[Lane, list[str]] = {Lane.ALARM: [], Lane.TELEMETRY: []}  # live, in order
+    handed_upto: dict[Lane, int] = dict.fromkeys(Lane, 0)  # how many of stored[lane] are out
+    out: dict[str, int] = {}  # handed out and not acked: event id -> seq
+    n = 0
+    outbox = Outbox(path, cfg())
+    await outbox.__aenter__()
+    try:
+        for _step in range(120):
+            op = rng.random()
+            if op < 0.4:
+                batch = []
+                for _ in range(rng.randint(1, 6)):
+                    n += 1
+                    batch.append(alarm(n) if rng.random() < 0.2 else tel(n))
+                if rng.random() < 0.5:
+                    await outbox.put_many(batch)
+                else:
+                    await asyncio.gather(*(outbox.put(e) for e in batch))
+                    batch.sort(key=lambda e: stored_ids(path).index(e.event_id))
+                for e in batch:
+                    stored[e.lane].append(e.event_id)
+            elif op < 0.75:
+                limit = rng.randint(1, 12)
+                rows = await outbox.fetch(limit, timeout_s=0)
+                expected: list[str] = []
+                for lane in Lane:
+                    take = stored[lane][handed_upto[lane] :][: limit - len(expected)]
+                    expected += take
+                    handed_upto[lane] += len(take)
+                assert [r.event_id for r in rows] == expected
+                out.update((r.event_id, r.seq) for r in rows)
+            elif op < 0.9:
+                acked = [eid for eid in out if rng.random() < 0.6]
+                outbox.ack(out.pop(eid) for eid in acked)
+                await outbox.flush()
+                for lane in Lane:
+                    for eid in acked:
+                        if eid in stored[lane]:
+                            i = stored[lane].index(eid)
+                            del stored[lane][i]
+                            handed_upto[lane] -= int(i < handed_upto[lane])
+            else:
+                if rng.random() < 0.5:
+                    outbox.rewind()
+                else:
+                    await close_within(outbox)
+                    outbox = Outbox(path, cfg())
+                    await outbox.__aenter__()
+                handed_upto = dict.fromkeys(Lane, 0)
+                out.clear()
+        assert sorted(stored_ids(path)) == sorted(stored[Lane.ALARM] + stored[Lane.TELEMETRY])
+    finally:
+        await close_within(outbox)
