@@ -60,7 +60,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
-import gc
+import importlib
 import json
 import math
 import os
@@ -664,11 +664,12 @@ def gateway_config(args: argparse.Namespace) -> dict[str, Any]:
 async def run_gateway(args: argparse.Namespace) -> dict[str, Any]:
     from gateway.app import Gateway
     from gateway.config import config_from_dict
+    from gateway.process import tune_daemon
 
+    # What `edge-gateway run` has loaded (its command line module), for an honest RSS.
+    importlib.import_module("gateway.cli")
     gateway = Gateway(config_from_dict(gateway_config(args), "bench"), {})
-    # As `edge-gateway run` does before it starts the gateway.
-    gc.freeze()
-    sys.setswitchinterval(0.0005)
+    tune_daemon()  # as `edge-gateway run` does before it starts the gateway
     task = asyncio.create_task(gateway.run(), name="gateway")
     source: Any = None
     async with asyncio.timeout(30):

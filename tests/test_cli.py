@@ -420,5 +420,6 @@ def test_the_daemon_imports_only_the_drivers_its_config_names() -> None:
     unwanted = {
         "numpy", "onnxruntime", "cv2", "pymodbus", "quickjs", "drivers.modbus", "drivers.sdi12",
         "drivers.jsworker", "drivers.jscodec", "gateway.codec_cli", "gateway.serial_cli",
+        "gateway.demo_cli", "gateway.demo", "drivers.serial_port",
     }  # fmt: skip
     assert loaded & unwanted == set()
