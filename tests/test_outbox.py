@@ -891,3 +891,33 @@ async def test_fetch_ack_rewind_restart_against_a_model(tmp_path: Path, seed: in
         assert sorted(stored_ids(path)) == sorted(stored[Lane.ALARM] + stored[Lane.TELEMETRY])
     finally:
         await close_within(outbox)
+
+
+async def test_commits_of_any_size_use_a_few_statement_shapes(tmp_path: Path) -> None:
+    """The sqlite3 module keeps every distinct statement prepared; one shape per group size
+    held megabytes under load. Rows go in (and acks out) in power-of-two pieces."""
+    inserts: list[int] = []
+    deletes: list[int] = []
+
+    def trace(sql: str) -> None:
+        if sql.startswith("INSERT INTO events"):
+            inserts.append(sql.count("),(") + 1)
+        elif sql.startswith("DELETE FROM events WHERE seq IN"):
+            deletes.append(sql.split("IN (", 1)[1].split(")", 1)[0].count(",") + 1)
+
+    async with opened(tmp_path / "o.sqlite3", cfg()) as outbox:
+        db = outbox._db  # observing the real connection; set while the writer is idle
+        assert db is not None
+        db.set_trace_callback(trace)
+        n = 0
+        for size in (1, 3, 7, 100, 199, 255, 300):
+            await outbox.put_many([tel(n + i) for i in range(size)])
+            n += size
+        rows = await drain(outbox)
+        outbox.ack(r.seq for r in rows)
+        await outbox.flush()
+        assert stored_ids(tmp_path / "o.sqlite3") == []
+    powers = {2**k for k in range(10)}
+    assert sum(inserts) == n == len(rows)
+    assert set(inserts) <= powers and max(inserts) == 128
+    assert sum(deletes) == n and set(deletes) <= powers
