@@ -8,6 +8,7 @@ them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 from importlib import resources
 from pathlib import Path
@@ -370,3 +371,28 @@ async def test_frames_are_judged_in_camera_order_with_one_running_ahead(
     assert seen == [i / 4.0 for i in range(frames)]  # the clip is 4 frames/s, analysed at 4
     assert monitor.counters["frames"] == frames
     assert out.errors == []
+
+
+async def test_a_failure_while_finishing_a_frame_ends_the_monitor_with_it() -> None:
+    """An error in the tracker/event half (here: the pipeline refusing the candidate event,
+    which only a finished frame emits) must surface from run(), as before the detector ran
+    ahead, not leave the camera loop waiting for a slot forever."""
+
+    class RefusedError(Exception):
+        pass
+
+    async def emit(item: Reading | Event, on_stored: Any = None) -> None:
+        if isinstance(item, Event) and item.kind == "pool_candidate":
+            raise RefusedError(item.kind)
+
+    async with InferenceEngine(InferenceSection(threads=1)) as engine:
+        monitor = PoolMonitor("main", pool_config(CLIP), engine, InferenceSection(), Metrics())
+        run = asyncio.create_task(monitor.run(emit, Collect().report))
+        done, _ = await asyncio.wait({run}, timeout=30)
+        if not done:
+            run.cancel()
+            with contextlib.suppress(BaseException):
+                await run
+            pytest.fail("the monitor still ran 30 s after the error")
+        error = run.exception()
+    assert isinstance(error, ExceptionGroup) and error.subgroup(RefusedError) is not None

@@ -338,30 +338,31 @@ class PoolMonitor:
         """
         in_flight: asyncio.Queue[_InFlight] = asyncio.Queue()
         slots = asyncio.Semaphore(_FRAMES_IN_FLIGHT)
-        finisher = asyncio.create_task(
-            self._finish_in_order(in_flight, slots), name=f"pool:{self.name}:finish"
-        )
-        try:
-            async with contextlib.aclosing(self.camera.frames()) as frames:
-                while True:
-                    await slots.acquire()
-                    frame = await anext(frames, _END)
-                    if frame is None or frame is _END:
-                        slots.release()
-                        if frame is _END:
-                            break
-                        continue  # the ticker notices a silent camera
-                    self._last_arrival = self._clock()
-                    in_flight.put_nowait(self._begin(frame.image, frame.t_s, frame.prepared))
-                    # The frame is dropped here: its detection task holds the last reference.
-                    del frame
-            await in_flight.join()
-        finally:
-            finisher.cancel()
-            while not in_flight.empty():
-                in_flight.get_nowait().detections.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await finisher
+        # A task group: an error while finishing a frame ends the camera loop too (it would
+        # otherwise wait for a slot forever) and comes out of run().
+        async with asyncio.TaskGroup() as tg:
+            finisher = tg.create_task(
+                self._finish_in_order(in_flight, slots), name=f"pool:{self.name}:finish"
+            )
+            try:
+                async with contextlib.aclosing(self.camera.frames()) as frames:
+                    while True:
+                        await slots.acquire()
+                        frame = await anext(frames, _END)
+                        if frame is None or frame is _END:
+                            slots.release()
+                            if frame is _END:
+                                break
+                            continue  # the ticker notices a silent camera
+                        self._last_arrival = self._clock()
+                        in_flight.put_nowait(self._begin(frame.image, frame.t_s, frame.prepared))
+                        # The frame is dropped here: its detection task holds the last reference.
+                        del frame
+                await in_flight.join()
+            finally:
+                finisher.cancel()
+                while not in_flight.empty():
+                    in_flight.get_nowait().detections.cancel()
 
     async def _finish_in_order(
         self, in_flight: asyncio.Queue[_InFlight], slots: asyncio.Semaphore
