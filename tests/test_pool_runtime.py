@@ -396,3 +396,33 @@ async def test_a_failure_while_finishing_a_frame_ends_the_monitor_with_it() -> N
             pytest.fail("the monitor still ran 30 s after the error")
         error = run.exception()
     assert isinstance(error, ExceptionGroup) and error.subgroup(RefusedError) is not None
+
+
+async def test_three_failed_frames_in_a_row_are_reported_although_the_next_ran_ahead(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The failure streak that means "detector unavailable" is counted in camera order. A frame
+    the detector refuses (here grey frames, which preprocessing rejects) fails at once, while the
+    good frame before it is still in the model: counted as its detection ended, that good frame's
+    reset came after the failures and three failures in a row were never reported."""
+    from drivers.camera import Frame
+
+    clip = read_video(CLIP, limit=12)
+
+    async def three_grey_frames() -> Any:
+        for i, image in enumerate(clip):
+            grey = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+            yield Frame(grey if i in (1, 2, 3) else image, i / 4.0, i + 1)
+
+    out = Collect()
+    async with InferenceEngine(InferenceSection(threads=1)) as engine:
+        monitor = PoolMonitor("main", pool_config(CLIP), engine, InferenceSection(), Metrics())
+        monkeypatch.setattr(monitor.camera, "frames", three_grey_frames)
+        await monitor.run(out.emit, out.report)
+    assert monitor.counters["detector_errors"] == 3
+    states = [(v["state"], v["reasons"]) for v in out.values("pool_status")]
+    assert states == [
+        ("monitoring", "ok"),
+        ("not_monitoring", "detector_unavailable"),
+        ("monitoring", "ok"),
+    ]

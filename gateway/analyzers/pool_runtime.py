@@ -396,6 +396,14 @@ class PoolMonitor:
         """The frame's detections through the tracker and the state machine, in frame order."""
         detections = await frame.detections
         self._last_frame_t = frame.t_s
+        # The failure streak is kept here, in camera order, not where detections end: a frame
+        # the detector refuses fails at once, while the frame before it may still be in the
+        # model, and that frame's success must not reset a streak that comes after it.
+        if detections is None:
+            if self._spec is not None:  # a detector was there to fail
+                self._detector_failures += 1
+        else:
+            self._detector_failures = 0
         await self._report_status(None)
         if detections is None:
             return
@@ -421,12 +429,10 @@ class PoolMonitor:
             )
             found = decode_views(outputs, spec, transform, score_threshold=self.cfg.score_threshold)
         except (ModelError, ValueError) as exc:
-            self._detector_failures += 1
             self.counters["detector_errors"] += 1
             self._metrics.inc("pool_detector_errors")
             log.warning("pool_detector_failed", pool=self.name, error=str(exc)[:200])
             return None
-        self._detector_failures = 0
         self.counters["detections"] += len(found)
         return [d for d in found if d.label == "person"]
 
