@@ -25,7 +25,8 @@ features (``torch_graph.py`` runs that part of the ONNX graph in torch). Stage 3
 FP32``) fine-tunes the whole network, backbone included, of the stage-2 model on the training
 images augmented afresh at every step (random scale and crop around the plain resize, mirror,
 colour jitter): nothing can be cached, so each step runs the full graph in torch; every epoch is
-checkpointed and ``--checkpoint`` exports a saved one.
+checkpointed and ``--checkpoint`` exports a saved one (or the mean of several saved ones'
+weights); ``--ema DECAY`` keeps a moving average of the weights instead of the live ones.
 
 Nothing here reads ``pool-swimmers-drowning-sample``: that is the evaluation set
 (``models/pool/evaluate.py``).
@@ -675,13 +676,16 @@ def fit(
     batch: int,
     lr: float,
     checkpoints: Path | None = None,
+    ema: float = 0.0,
 ) -> int:
     """Train ``head`` (inputs -> score logits, distributions); keep the best valid AP50.
 
     ``train_batch`` gives the inputs and boxes of training samples by index (``train_size`` of
     them). With ``checkpoints``, every epoch's weights are saved there (``epochNN.pt``) with its
-    valid figures, so that a result exists if training is stopped early. Returns the chosen
-    epoch (0: the starting weights were best).
+    valid figures, so that a result exists if training is stopped early. With ``ema`` (a decay
+    in (0, 1)), an exponential moving average of the weights, starting from the initial ones,
+    is updated after every step, and it is what each epoch evaluates, saves and may choose.
+    Returns the chosen epoch (0: the starting weights were best).
     """
     rng = np.random.default_rng(SEED)
     centres, strides = _grid()
@@ -693,6 +697,7 @@ def fit(
         optimiser, max_lr=lr, total_steps=steps, pct_start=0.1
     )
     best_ap, best_epoch, best_state = start, 0, {k: v.clone() for k, v in head.state_dict().items()}
+    averaged = {k: v.clone() for k, v in head.state_dict().items()} if ema > 0 else None
     for epoch in range(1, epochs + 1):
         began = time.perf_counter()
         order = rng.permutation(train_size)
@@ -704,10 +709,19 @@ def fit(
             loss.backward()
             optimiser.step()
             schedule.step()
+            if averaged is not None:
+                with torch.no_grad():
+                    for key, value in head.state_dict().items():
+                        averaged[key].mul_(ema).add_(value, alpha=1.0 - ema)
             total += float(loss.detach()) * len(truths)
             if (b // batch) % 20 == 19:
                 took = time.perf_counter() - began
                 _say(f"  epoch {epoch}: {b + len(truths)}/{len(order)} samples ({took:.0f} s)")
+        live = None
+        if averaged is not None:
+            # Evaluate, save and keep the averaged weights; training goes on from the live ones.
+            live = {k: v.clone() for k, v in head.state_dict().items()}
+            head.load_state_dict(averaged)
         results = match_outputs(head_outputs(head, valid), valid.sizes, valid.truths)
         ap = average_precision(results)
         t, p, r = best_threshold(results)
@@ -724,6 +738,8 @@ def fit(
         if ap > best_ap:
             best_ap, best_epoch = ap, epoch
             best_state = {k: v.clone() for k, v in head.state_dict().items()}
+        if live is not None:
+            head.load_state_dict(live)
     head.load_state_dict(best_state)
     _say(f"chosen epoch {best_epoch} (valid AP50 {best_ap:.4f})")
     return best_epoch
@@ -968,16 +984,30 @@ def image_set(folder: Path, *, limit: int | None) -> FeatureSet:
     return FeatureSet([np.stack(tensors)], boxes, sizes, truths)
 
 
+def mean_state(checkpoints: Sequence[Path]) -> dict[str, torch.Tensor]:
+    """The weights of one saved epoch, or the element-wise mean of several epochs' weights.
+
+    Averaging the weights of a run's last epochs (as stochastic weight averaging does) is sound
+    here because the export has no BatchNorm statistics to re-estimate: BN is folded into the
+    convs, so every tensor in the state is a conv weight or bias.
+    """
+    total: dict[str, torch.Tensor] = {}
+    for path in checkpoints:
+        saved = torch.load(path)
+        _say(f"{path}: epoch {int(saved['epoch'])}, valid AP50 {saved['ap50']:.4f}")
+        for key, value in saved["state"].items():
+            total[key] = total[key] + value.double() if key in total else value.double()
+    return {key: (value / len(checkpoints)).float() for key, value in total.items()}
+
+
 def stage3(args: argparse.Namespace, root: Path, start: Path) -> int:
     """Fine-tune the whole model ``start`` (stage 2's) on augmented images; export, quantise."""
     model = onnx.load(str(start))
     valid = image_set(root / "valid", limit=args.limit)
     network = NeckHead(model, ("image",))
-    if args.checkpoint is not None:
-        saved = torch.load(args.checkpoint)
-        network.load_state_dict(saved["state"])
-        best_epoch = int(saved["epoch"])
-        _say(f"{args.checkpoint}: epoch {best_epoch}, valid AP50 {saved['ap50']:.4f}")
+    if args.checkpoint:
+        network.load_state_dict(mean_state(args.checkpoint))
+        best_epoch = int(torch.load(args.checkpoint[-1])["epoch"])
     else:
         train = AugmentedImages(root / "train", seed=SEED + 3, aug=Augmentation(), limit=args.limit)
         _say(f"train: {len(train)} images (augmented at every step); valid: {len(valid.boxes)}")
@@ -990,6 +1020,7 @@ def stage3(args: argparse.Namespace, root: Path, start: Path) -> int:
             batch=args.batch,
             lr=args.lr,
             checkpoints=args.out / "checkpoints",
+            ema=args.ema,
         )
     write_back(network.graph, model.graph)
     four = FeatureSet([valid.levels[0][:4]], valid.boxes[:4], valid.sizes[:4], valid.truths[:4])
@@ -1036,8 +1067,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--checkpoint",
         type=Path,
+        nargs="+",
         default=None,
-        help="with --stage3: skip training, export this saved epoch (OUT/checkpoints/epochNN.pt)",
+        help="with --stage3: skip training, export this saved epoch (OUT/checkpoints/epochNN.pt); "
+        "several: the mean of their weights",
+    )
+    parser.add_argument(
+        "--ema",
+        type=float,
+        default=0.0,
+        help="with --stage3: evaluate and keep an exponential moving average of the weights "
+        "with this decay per step (0: off)",
     )
     args = parser.parse_args(argv)
     torch.manual_seed(SEED)
