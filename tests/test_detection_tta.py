@@ -46,7 +46,7 @@ def _with_tta(model: LoadedModel, tta: str) -> DetectorSpec:
 
 
 def test_the_card_option_is_read_and_checked(model: LoadedModel) -> None:
-    assert DetectorSpec.from_card(model.card).tta == "hflip"  # the shipped card (1.3.0)
+    assert DetectorSpec.from_card(model.card).tta == "hflip"  # the shipped card (1.3.0 on)
     assert DetectorSpec.from_card(model.card.model_copy(update={"params": {}})).tta == "none"
     assert _with_tta(model, "hflip").tta == "hflip"
     assert _with_tta(model, "none").tta == "none"

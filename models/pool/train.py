@@ -61,7 +61,7 @@ from models.quantize import quantize_model
 __all__ = ["main"]
 
 NAME = "pool_person_detector"
-VERSION = "1.3.0"
+VERSION = "1.4.0"
 SIZE = 416
 STRIDES = (8, 16, 32, 64)
 REG_MAX = 7
