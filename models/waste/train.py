@@ -356,13 +356,17 @@ def train(
     lr: float,
     seed: int,
     size: int,
-    checkpoint: Callable[[int, float], None] | None = None,
-) -> dict[str, float]:
+    checkpoint: Callable[[int | str, float], None] | None = None,
+    options: Regularisation | None = None,
+) -> dict[str, float | str]:
     """Fine-tune the tail; keep the weights of the best validation epoch.
 
     ``checkpoint(epoch, val_accuracy)`` is called at every new best, with the model holding
     that epoch's weights, so a long run that is stopped early still leaves its best result.
+    ``options`` (all off by default) adds mixup/cutmix, a constant learning rate and averaged
+    weights (EMA, SWA) as further candidates for the best validation result.
     """
+    opts = options or Regularisation()
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     for p in model.backbone.parameters():
@@ -385,16 +389,21 @@ def train(
     )
     steps_per_epoch = math.ceil(len(train_split.images) / batch)
     total = epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=[lr * 0.3, lr], total_steps=total, pct_start=0.1
+    sched = (
+        torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=[lr * 0.3, lr], total_steps=total, pct_start=0.1
+        )
+        if not opts.constant_lr
+        else torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     )
     loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)
     # The starting point competes too: a second stage must beat the first on validation.
     start_logits = logits_of(model, val_x)
-    best = (_accuracy(start_logits, val_y), -nll(start_logits, val_y))
-    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    best_epoch = 0
-    _say(f"start: val acc {best[0]:.4f} nll {-best[1]:.3f}")
+    best = _Best(model, (_accuracy(start_logits, val_y), -nll(start_logits, val_y)), checkpoint)
+    _say(f"start: val acc {best.score[0]:.4f} nll {-best.score[1]:.3f}")
+    averages = _Averages(model, opts)
+    mix_rng = np.random.default_rng(seed + 7)
+
     for epoch in range(epochs):
         started = time.perf_counter()
         model.train()
@@ -403,14 +412,18 @@ def train(
             views = [augment(train_split.images[i], rng, size) for i in idx]
             xb = torch.from_numpy(np.stack(views))
             yb = torch.from_numpy(train_split.labels[idx])
+            xb, partner, lam = _mix(xb, mix_rng, opts)
             with torch.no_grad():
                 h = model.trunk(xb)
             out = model.tail(h)
             loss = loss_fn(out, yb)
+            if partner is not None:
+                loss = lam * loss + (1 - lam) * loss_fn(out, yb[partner])
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
+            averages.after_step(model)
             seen += len(idx)
             loss_sum += loss.item() * len(idx)
             correct += int((out.argmax(1) == yb).sum())
@@ -422,14 +435,134 @@ def train(
             f"epoch {epoch + 1}/{epochs}: train loss {loss_sum / seen:.3f} acc "
             f"{correct / seen:.3f} | val acc {val_acc:.4f} nll {val_nll:.3f} | {took:.0f} s",
         )
-        if (val_acc, -val_nll) > best:
-            best = (val_acc, -val_nll)
-            best_epoch = epoch + 1
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            if checkpoint is not None:
-                checkpoint(best_epoch, val_acc)
-    model.load_state_dict(best_state)
-    return {"val_top1_fp32_torch": best[0], "best_epoch": float(best_epoch)}
+        best.offer(epoch + 1, model, (val_acc, -val_nll))
+        for label, state in averages.after_epoch(model, epoch + 1):
+            best.offer_state(label, model, state, val_x, val_y)
+    model.load_state_dict(best.state)
+    return {"val_top1_fp32_torch": best.score[0], "best_epoch": best.epoch}
+
+
+class _Best:
+    """The best weights on validation so far: (accuracy, -NLL), the state and its label."""
+
+    def __init__(
+        self,
+        model: Classifier,
+        score: tuple[float, float],
+        checkpoint: Callable[[int | str, float], None] | None,
+    ) -> None:
+        self.score = score
+        self.state = _state_copy(model)
+        self.epoch: int | str = 0
+        self.checkpoint = checkpoint
+
+    def offer(self, label: int | str, model: Classifier, score: tuple[float, float]) -> None:
+        """Keep the model's current weights if ``score`` beats the best."""
+        if score > self.score:
+            self.score, self.epoch = score, label
+            self.state = _state_copy(model)
+            if self.checkpoint is not None:
+                self.checkpoint(label, score[0])
+
+    def offer_state(
+        self,
+        label: str,
+        model: Classifier,
+        state: dict[str, Tensor],
+        val_x: np.ndarray,
+        val_y: np.ndarray,
+    ) -> None:
+        """Validate other weights (an average) as a candidate; the model's own come back."""
+        current = _state_copy(model)
+        model.load_state_dict(state)
+        logits = logits_of(model, val_x)
+        score = (_accuracy(logits, val_y), -nll(logits, val_y))
+        _say(f"  {label}: val acc {score[0]:.4f} nll {-score[1]:.3f}")
+        self.offer(label, model, score)
+        model.load_state_dict(current)
+
+
+def _state_copy(model: Classifier) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+class _Averages:
+    """Averaged weights (every float tensor of the state; frozen ones stay as they are)."""
+
+    def __init__(self, model: Classifier, opts: Regularisation) -> None:
+        self.opts = opts
+        self.ema = _state_copy(model) if opts.ema > 0 else None
+        self.swa: dict[str, Tensor] | None = None
+        self.swa_count = 0
+        self.steps = 0
+
+    def after_step(self, model: Classifier) -> None:
+        self.steps += 1
+        if self.ema is None:
+            return
+        # Warm-up: early on the average follows the weights more closely.
+        decay = min(self.opts.ema, (1 + self.steps) / (10 + self.steps))
+        with torch.no_grad():
+            for key, value in model.state_dict().items():
+                if value.is_floating_point():
+                    self.ema[key].mul_(decay).add_(value, alpha=1 - decay)
+
+    def after_epoch(self, model: Classifier, epoch: int) -> list[tuple[str, dict[str, Tensor]]]:
+        """The averages to validate after ``epoch`` (1-based), labelled for the card."""
+        if epoch < self.opts.average_from:
+            return []
+        out = [] if self.ema is None else [(f"ema{epoch}", self.ema)]
+        if self.opts.swa:
+            # Equal-weight running mean of the weights at the end of each epoch from
+            # average_from.
+            self.swa_count += 1
+            now = _state_copy(model)
+            if self.swa is None:
+                self.swa = now
+            else:
+                for key, value in now.items():
+                    if value.is_floating_point():
+                        self.swa[key] += (value - self.swa[key]) / self.swa_count
+            if self.swa_count > 1:
+                out.append((f"swa{self.opts.average_from}-{epoch}", self.swa))
+        return out
+
+
+@dataclass(frozen=True)
+class Regularisation:
+    """Training options beyond the default recipe (all off by default)."""
+
+    mixup: float = 0.0  # Beta(a, a) parameter of mixup; 0: off
+    cutmix: float = 0.0  # Beta(a, a) parameter of cutmix; 0: off (both on: one per batch)
+    ema: float = 0.0  # decay of an exponential moving average of the weights; 0: off
+    swa: bool = False  # average the weights at the end of every epoch from average_from
+    average_from: int = 1  # the first epoch whose end is averaged (SWA) / validated (EMA)
+    constant_lr: bool = False  # constant learning rate instead of the one-cycle schedule
+
+
+def _mix(
+    xb: Tensor, rng: np.random.Generator, opts: Regularisation
+) -> tuple[Tensor, Tensor | None, float]:
+    """Mixup or cutmix of a batch with a permutation of itself: (inputs, partner, weight)."""
+    kinds = [k for k, a in (("mixup", opts.mixup), ("cutmix", opts.cutmix)) if a > 0]
+    if not kinds:
+        return xb, None, 1.0
+    kind = kinds[int(rng.integers(len(kinds)))]
+    partner = torch.from_numpy(rng.permutation(len(xb)))
+    if kind == "mixup":
+        lam = float(rng.beta(opts.mixup, opts.mixup))
+        return lam * xb + (1 - lam) * xb[partner], partner, lam
+    lam = float(rng.beta(opts.cutmix, opts.cutmix))
+    size_h, size_w = xb.shape[2], xb.shape[3]
+    cut_h, cut_w = round(size_h * math.sqrt(1 - lam)), round(size_w * math.sqrt(1 - lam))
+    cy, cx = int(rng.integers(size_h)), int(rng.integers(size_w))
+    y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, size_h)
+    x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, size_w)
+    mixed = xb.clone()
+    mixed[:, :, y0:y1, x0:x1] = xb[partner][:, :, y0:y1, x0:x1]
+    # The weight is the share of the image that is still the first one's.
+    lam = 1 - (y1 - y0) * (x1 - x0) / (size_h * size_w)
+    return mixed, partner, lam
 
 
 def load_onnx_weights(model: Classifier, path: Path) -> None:
@@ -542,6 +675,36 @@ def _parser() -> argparse.ArgumentParser:
         "ensemble member",
     )
     parser.add_argument("--limit", type=int, default=0, help="use only N training images (smoke)")
+    parser.add_argument("--mixup", type=float, default=0.0, help="mixup Beta(a, a); 0: off")
+    parser.add_argument("--cutmix", type=float, default=0.0, help="cutmix Beta(a, a); 0: off")
+    parser.add_argument(
+        "--ema",
+        type=float,
+        default=0.0,
+        help="decay of an exponential moving average of the weights, validated after every "
+        "epoch as a further candidate; 0: off",
+    )
+    parser.add_argument(
+        "--swa",
+        action="store_true",
+        help="average the weights at the end of every epoch from --average-from on (SWA), "
+        "validated as a further candidate",
+    )
+    parser.add_argument(
+        "--average-from",
+        type=int,
+        default=1,
+        help="first epoch whose weights SWA averages and after which the averages are validated",
+    )
+    parser.add_argument(
+        "--constant-lr", action="store_true", help="constant learning rate (no one-cycle)"
+    )
+    parser.add_argument(
+        "--select-size",
+        type=int,
+        default=0,
+        help="validate at this input size during training (epoch choice); 0: --image-size",
+    )
     parser.add_argument(
         "--init-fp32",
         type=Path,
@@ -606,7 +769,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{sizes}, run at {size} x {size} px"
         )
         epochs = [c.metrics["best_epoch"] for c in cards]
-        best: int | str = int(epochs[0]) if len(epochs) == 1 else ",".join(str(e) for e in epochs)
+        best: int | str = (
+            (epochs[0] if isinstance(epochs[0], str) else int(epochs[0]))
+            if len(epochs) == 1
+            else ",".join(str(e) for e in epochs)
+        )
         return finish(fp32, train_split, val_split, val_x, best_epoch=best, trained=trained)
     if args.from_fp32:
         epoch = load_card(args.out / "classifier.fp32.toml").metrics["best_epoch"]
@@ -626,7 +793,7 @@ def main(argv: list[str] | None = None) -> int:
         load_onnx_weights(model, args.init_fp32)
     args.out.mkdir(parents=True, exist_ok=True)
 
-    def checkpoint(epoch: int, val_accuracy: float) -> None:
+    def checkpoint(epoch: int | str, val_accuracy: float) -> None:
         # The best weights so far, exported with a minimal card: `--from-fp32` finishes from
         # them if the run is stopped before its last epoch.
         export_onnx(model, fp32, size)
@@ -638,10 +805,11 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "classifier.fp32.toml").write_text(dump_card(card), encoding="utf-8")
         _say(f"checkpoint: epoch {epoch} -> {fp32}")
 
+    select_x = val_x if args.select_size in (0, size) else plain_inputs(val_split, args.select_size)
     fit = train(
         model,
         train_split,
-        val_x,
+        select_x,
         val_split.labels,
         epochs=args.epochs,
         batch=args.batch,
@@ -649,6 +817,14 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         size=size,
         checkpoint=checkpoint,
+        options=Regularisation(
+            mixup=args.mixup,
+            cutmix=args.cutmix,
+            ema=args.ema,
+            swa=args.swa,
+            average_from=args.average_from,
+            constant_lr=args.constant_lr,
+        ),
     )
     export_onnx(model, fp32, size)
     torch_val = logits_of(model, val_x)
@@ -659,7 +835,7 @@ def main(argv: list[str] | None = None) -> int:
         train_split,
         val_split,
         val_x,
-        best_epoch=int(fit["best_epoch"]),
+        best_epoch=fit_epoch if isinstance(fit_epoch := fit["best_epoch"], str) else int(fit_epoch),
         trained=trained,
     )
 
