@@ -46,7 +46,7 @@ from gateway.analyzers.pool import (
     ZoneBook,
 )
 from gateway.analyzers.pool_config import PoolConfig
-from gateway.analyzers.pool_health import CameraHealth, HealthChange, HealthParams, small_grey
+from gateway.analyzers.pool_health import CameraHealth, HealthParams, small_grey
 from gateway.analyzers.pool_health import frame_stats as compute_stats
 from gateway.analyzers.pool_output import AlarmOutput
 from gateway.commands import CommandError, Handler
@@ -257,7 +257,7 @@ class PoolMonitor:
         self._emit = emit
         await self._load_detector(report_error)
         self._last_arrival = self._clock()
-        await self._report_status(None)  # a detector refused at start is said at once
+        await self._report_status()  # a detector refused at start is said at once
         async with asyncio.TaskGroup() as tg:
             ticker = tg.create_task(self._tick_forever(), name=f"pool:{self.name}:tick")
             output = (
@@ -316,8 +316,8 @@ class PoolMonitor:
                 log.info("pool_camera_open", pool=self.name, camera=self.camera.summary()["camera"])
             else:
                 log.error("pool_camera_problem", pool=self.name, problem=problem)
-        change = self.health.tick(now - self._last_arrival)
-        await self._report_status(change)
+        self.health.tick(now - self._last_arrival)
+        await self._report_status()
         for zone in self.zones.expire():
             await self._zone_event(zone, "expired", zone.operator)
         for alarm in list(self.analyzer.alarms.values()):
@@ -404,7 +404,7 @@ class PoolMonitor:
                 self._detector_failures += 1
         else:
             self._detector_failures = 0
-        await self._report_status(None)
+        await self._report_status()
         if detections is None:
             return
         for signal in self.analyzer.step(frame.t_s, detections, frame.width, frame.height):
@@ -452,9 +452,9 @@ class PoolMonitor:
         if self._emit is not None:
             await self._emit(event)
 
-    async def _report_status(self, change: HealthChange | None) -> None:
-        # ``change`` only says that the camera's health moved; the verdict is recomputed.
-        del change
+    async def _report_status(self) -> None:
+        # The verdict is recomputed from the camera's health and the detector's state, and said
+        # only when it changed.
         reasons = self.reasons()
         if self.health.monitoring is None and not reasons:
             return  # no frame judged yet and nothing known to be wrong: no verdict
