@@ -219,18 +219,161 @@ class Classifier(nn.Module):  # type: ignore[misc]
         self.split = split
         self.dropout = nn.Dropout(0.2)
         self.head = nn.Linear(backbone.features, len(LABELS))
+        # Set for quantisation-aware fine-tuning: the forward pass then computes what the int8
+        # model will (fake quantisation). Not a module: it adds nothing to the weights.
+        self.sim: Int8Sim | None = None
 
     def trunk(self, x: Tensor) -> Tensor:
         """The frozen part: the input of step ``split``."""
+        if self.sim is not None:
+            return torch.cat([self.sim.run(self.backbone, p, 0, self.split) for p in _pieces(x)])
         return self.backbone.run(x, 0, self.split)
 
     def tail(self, h: Tensor) -> Tensor:
         """The trained part: features of step ``split``'s input -> logits."""
+        if self.sim is not None:
+            feats = self.sim.run(self.backbone, h, self.split)
+            return self.sim.head(self.head, self.dropout(feats))
         feats = self.backbone.run(h, self.split)
         return cast(Tensor, self.head(self.dropout(feats)))
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.sim is not None and not torch.is_grad_enabled():
+            return torch.cat([self.tail(self.trunk(p)) for p in _pieces(x)])
         return self.tail(self.trunk(x))
+
+
+def _pieces(x: Tensor) -> tuple[Tensor, ...]:
+    """A batch in pieces of 4 images for the simulated int8 model, which rounds every
+    activation. Whole batches of 32-64 make activations of 25-200 MB, which the C allocator
+    takes from and returns to the kernel each time (over 32 MB): measured here, the page faults
+    cost 4-6 times the arithmetic. Pieces of 4 stay below that and reuse memory."""
+    return tuple(x.split(4))
+
+
+# -- the int8 model, simulated (quantisation-aware fine-tuning) -------------------------------
+
+
+def _activation_grid(lo: float, hi: float) -> tuple[float, float] | None:
+    """(scale, zero point) onnxruntime gives a tensor whose calibrated range is [lo, hi].
+
+    Asymmetric int8 ([-128, 127]) over the range widened to include 0, as in its
+    ``compute_scale_zp``; None for an all-zero tensor (onnxruntime's scale 1 then changes nothing).
+    """
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    scale = (hi - lo) / 255.0
+    if scale < float(np.finfo(np.float32).tiny):
+        return None
+    zero = float(np.round(-128.0 - lo / scale))
+    return float(np.float32(scale)), zero
+
+
+def _quant_activation(
+    x: Tensor, grid: tuple[float, float] | None, *, in_place: bool = False
+) -> Tensor:
+    """``x`` after QuantizeLinear + DequantizeLinear on ``grid``.
+
+    The gradient passes straight through the rounding and is zero where the value saturates
+    (the usual straight-through estimator). ``in_place`` overwrites ``x`` when it needs no
+    gradient (the frozen trunk's large activations: the same arithmetic without new tensors).
+    """
+    if grid is None:
+        return x
+    scale, zero = grid
+    # zero is an integer: round(x / s) + z clamped to [-128, 127] is round(x / s) clamped to
+    # [-128 - z, 127 - z].
+    if not x.requires_grad and in_place:
+        return x.div_(scale).round_().clamp_(-128.0 - zero, 127.0 - zero).mul_(scale)
+    q = torch.clamp(torch.round(x / scale), -128.0 - zero, 127.0 - zero) * scale
+    if not x.requires_grad:
+        return q
+    inside = torch.clamp(x, (-128.0 - zero) * scale, (127.0 - zero) * scale)
+    return inside + (q - inside).detach()
+
+
+def _quant_weight(w: Tensor) -> Tensor:
+    """``w`` rounded as onnxruntime stores it: int8 per output channel, symmetric ([-127, 127],
+    scale max|w| / 127, zero point 0); straight-through gradient."""
+    absmax = w.detach().abs().flatten(1).amax(1).clamp_min(float(np.finfo(np.float32).tiny))
+    scale = (absmax / 127.0).reshape(-1, *([1] * (w.dim() - 1)))
+    q = torch.clamp(torch.round(w / scale), -127.0, 127.0) * scale
+    return q if not w.requires_grad else w + (q - w).detach()
+
+
+class Int8Sim:
+    """The model :func:`models.quantize.quantize_model` will make, computed in torch.
+
+    Static QDQ as onnxruntime builds it from this script's export: every conv's and the head's
+    weights int8 per output channel (symmetric); the image, every conv output (after its ReLU6,
+    which onnxruntime folds into the output range), every residual sum, the pooled features and
+    the logits int8 per tensor, over the MinMax range the fp32 network has on the calibration
+    images. :meth:`calibrate` recomputes those ranges for the current weights, as the quantiser
+    does for the final ones. Biases stay fp32 (int32 in the int8 model, at the product of the
+    input and weight scales: far finer than the activations' rounding).
+    """
+
+    def __init__(self, calibration: np.ndarray) -> None:
+        self.calibration = calibration
+        self.grids: dict[str, tuple[float, float] | None] = {}
+        self._record: dict[str, tuple[float, float]] | None = None
+
+    def calibrate(self, model: Classifier, batch: int = 64) -> None:
+        """MinMax ranges of every quantised tensor of the fp32 network on the calibration set."""
+        self._record = {}
+        model.eval()
+        try:
+            with torch.no_grad():
+                for i in range(0, len(self.calibration), batch):
+                    model(torch.from_numpy(self.calibration[i : i + batch]))
+            self.grids = {k: _activation_grid(lo, hi) for k, (lo, hi) in self._record.items()}
+        finally:
+            self._record = None
+
+    def point(self, name: str, x: Tensor, *, in_place: bool = False) -> Tensor:
+        """QuantizeLinear + DequantizeLinear on tensor ``name`` (records it when calibrating)."""
+        if self._record is not None:
+            lo, hi = float(x.min()), float(x.max())
+            old = self._record.get(name)
+            self._record[name] = (lo, hi) if old is None else (min(old[0], lo), max(old[1], hi))
+            return x
+        return _quant_activation(x, self.grids[name], in_place=in_place)
+
+    def weight(self, w: Tensor) -> Tensor:
+        # Calibration runs the fp32 network, as onnxruntime's calibrator does.
+        return w if self._record is not None else _quant_weight(w)
+
+    def run(self, backbone: Backbone, x: Tensor, start: int = 0, stop: int | None = None) -> Tensor:
+        """:meth:`Backbone.run` with the int8 model's rounding."""
+        if start == 0:
+            x = self.point("image", x)
+        env: dict[str, Tensor] = {backbone.steps[start].inputs[0]: x}
+        out = x
+        for step in backbone.steps[start:stop]:
+            if step.kind == "conv":
+                conv = backbone.convs[step.conv]
+                out = torch.nn.functional.conv2d(
+                    env[step.inputs[0]],
+                    self.weight(conv.weight),
+                    conv.bias,
+                    conv.stride,
+                    conv.padding,
+                    conv.dilation,
+                    conv.groups,
+                )
+                if step.relu6:
+                    out = torch.clamp(out, 0.0, 6.0)
+            elif step.kind == "add":
+                out = env[step.inputs[0]] + env[step.inputs[1]]
+            else:
+                out = env[step.inputs[0]].mean(dim=(2, 3))
+            # A new tensor (not the caller's input): rounding it in place is safe.
+            out = self.point(step.output, out, in_place=True)
+            env[step.output] = out
+        return out
+
+    def head(self, head: nn.Linear, feats: Tensor) -> Tensor:
+        logits = torch.nn.functional.linear(feats, self.weight(head.weight), head.bias)
+        return self.point("logits", logits)
 
 
 # -- data ------------------------------------------------------------------------------------
@@ -364,7 +507,10 @@ def train(
     ``checkpoint(epoch, val_accuracy)`` is called at every new best, with the model holding
     that epoch's weights, so a long run that is stopped early still leaves its best result.
     ``options`` (all off by default) adds mixup/cutmix, a constant learning rate and averaged
-    weights (EMA, SWA) as further candidates for the best validation result.
+    weights (EMA, SWA) as further candidates for the best validation result. With
+    ``model.sim`` set (quantisation-aware fine-tuning) training and validation run the
+    simulated int8 model, its ranges recalibrated for the weights at the start of every epoch
+    and for every candidate before it is validated.
     """
     opts = options or Regularisation()
     rng = np.random.default_rng(seed)
@@ -380,32 +526,33 @@ def train(
     tail_params = [p for conv in trained for p in conv.parameters()]
     for p in tail_params:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(
-        [
-            {"params": tail_params, "lr": lr * 0.3},
-            {"params": list(model.head.parameters()), "lr": lr},
-        ],
-        weight_decay=1e-4,
-    )
-    steps_per_epoch = math.ceil(len(train_split.images) / batch)
-    total = epochs * steps_per_epoch
-    sched = (
-        torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=[lr * 0.3, lr], total_steps=total, pct_start=0.1
-        )
-        if not opts.constant_lr
-        else torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    opt, sched = _optimiser(
+        model,
+        tail_params,
+        lr=lr,
+        total_steps=epochs * math.ceil(len(train_split.images) / batch),
+        constant=opts.constant_lr,
     )
     loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)
+
+    def evaluate(current: Classifier) -> np.ndarray:
+        if current.sim is not None:
+            current.sim.calibrate(current)
+        return logits_of(current, val_x)
+
     # The starting point competes too: a second stage must beat the first on validation.
-    start_logits = logits_of(model, val_x)
-    best = _Best(model, (_accuracy(start_logits, val_y), -nll(start_logits, val_y)), checkpoint)
+    start_logits = evaluate(model)
+    best = _Best(
+        model, (_accuracy(start_logits, val_y), -nll(start_logits, val_y)), checkpoint, evaluate
+    )
     _say(f"start: val acc {best.score[0]:.4f} nll {-best.score[1]:.3f}")
     averages = _Averages(model, opts)
     mix_rng = np.random.default_rng(seed + 7)
 
     for epoch in range(epochs):
         started = time.perf_counter()
+        if model.sim is not None:
+            model.sim.calibrate(model)
         model.train()
         seen, loss_sum, correct = 0, 0.0, 0
         for idx in batches(len(train_split.images), batch, rng):
@@ -427,7 +574,7 @@ def train(
             seen += len(idx)
             loss_sum += loss.item() * len(idx)
             correct += int((out.argmax(1) == yb).sum())
-        val_logits = logits_of(model, val_x)
+        val_logits = evaluate(model)
         val_acc = float((val_logits.argmax(1) == val_y).mean())
         val_nll = float(-np.log(softmax(val_logits)[np.arange(len(val_y)), val_y] + 1e-12).mean())
         took = time.perf_counter() - started
@@ -437,9 +584,30 @@ def train(
         )
         best.offer(epoch + 1, model, (val_acc, -val_nll))
         for label, state in averages.after_epoch(model, epoch + 1):
-            best.offer_state(label, model, state, val_x, val_y)
+            best.offer_state(label, model, state, val_y)
     model.load_state_dict(best.state)
     return {"val_top1_fp32_torch": best.score[0], "best_epoch": best.epoch}
+
+
+def _optimiser(
+    model: Classifier, tail_params: list[Tensor], *, lr: float, total_steps: int, constant: bool
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW (the trained blocks at 0.3 x the head's rate) with a one-cycle or constant rate."""
+    opt = torch.optim.AdamW(
+        [
+            {"params": tail_params, "lr": lr * 0.3},
+            {"params": list(model.head.parameters()), "lr": lr},
+        ],
+        weight_decay=1e-4,
+    )
+    sched = (
+        torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=[lr * 0.3, lr], total_steps=total_steps, pct_start=0.1
+        )
+        if not constant
+        else torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    )
+    return opt, sched
 
 
 class _Best:
@@ -450,11 +618,13 @@ class _Best:
         model: Classifier,
         score: tuple[float, float],
         checkpoint: Callable[[int | str, float], None] | None,
+        evaluate: Callable[[Classifier], np.ndarray],
     ) -> None:
         self.score = score
         self.state = _state_copy(model)
         self.epoch: int | str = 0
         self.checkpoint = checkpoint
+        self.evaluate = evaluate
 
     def offer(self, label: int | str, model: Classifier, score: tuple[float, float]) -> None:
         """Keep the model's current weights if ``score`` beats the best."""
@@ -469,13 +639,12 @@ class _Best:
         label: str,
         model: Classifier,
         state: dict[str, Tensor],
-        val_x: np.ndarray,
         val_y: np.ndarray,
     ) -> None:
         """Validate other weights (an average) as a candidate; the model's own come back."""
         current = _state_copy(model)
         model.load_state_dict(state)
-        logits = logits_of(model, val_x)
+        logits = self.evaluate(model)
         score = (_accuracy(logits, val_y), -nll(logits, val_y))
         _say(f"  {label}: val acc {score[0]:.4f} nll {-score[1]:.3f}")
         self.offer(label, model, score)
@@ -581,18 +750,23 @@ def load_onnx_weights(model: Classifier, path: Path) -> None:
 
 
 def export_onnx(model: Classifier, path: Path, size: int) -> None:
+    """The fp32 network (without the int8 simulation: the quantiser makes the int8 model)."""
     model.eval()
     dummy = torch.zeros(1, 3, size, size)
-    torch.onnx.export(
-        model,
-        (dummy,),
-        str(path),
-        input_names=["image"],
-        output_names=["logits"],
-        dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
-        opset_version=17,
-        dynamo=False,
-    )
+    sim, model.sim = model.sim, None
+    try:
+        torch.onnx.export(
+            model,
+            (dummy,),
+            str(path),
+            input_names=["image"],
+            output_names=["logits"],
+            dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+            opset_version=17,
+            dynamo=False,
+        )
+    finally:
+        model.sim = sim
     # Keep the weights inside the one file (no external data) and drop training-only metadata.
     onnx.save(onnx.load(str(path)), str(path))
 
@@ -700,6 +874,13 @@ def _parser() -> argparse.ArgumentParser:
         "--constant-lr", action="store_true", help="constant learning rate (no one-cycle)"
     )
     parser.add_argument(
+        "--qat",
+        action="store_true",
+        help="quantisation-aware fine-tuning: train and validate the int8 model the quantiser "
+        "will make (simulated in torch, ranges recalibrated every epoch); for a stage from "
+        "--init-fp32 at a small constant learning rate",
+    )
+    parser.add_argument(
         "--select-size",
         type=int,
         default=0,
@@ -727,8 +908,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.qat and args.select_size not in (0, args.image_size):
+        parser.error("--qat validates at --image-size (no --select-size)")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     torch.manual_seed(args.seed)
     root = args.data / "trashnet-train"
@@ -751,7 +940,7 @@ def main(argv: list[str] | None = None) -> int:
     fp32 = args.out / "classifier.fp32.onnx"
     trained = (
         f"blocks {args.train_from_block}-16 and a new head fine-tuned on TrashNet at "
-        f"{size} x {size} px"
+        f"{size} x {size} px" + (", then quantisation-aware (simulated int8)" if args.qat else "")
     )
     if args.members:
         # Several exported classifiers (each trained by this script) as one file whose logits
@@ -791,6 +980,8 @@ def main(argv: list[str] | None = None) -> int:
     model = Classifier(backbone, backbone.block_start(args.train_from_block))
     if args.init_fp32 is not None:
         load_onnx_weights(model, args.init_fp32)
+    # Quantisation-aware: the int8 model, simulated, is what trains and is validated.
+    model.sim = Int8Sim(np.concatenate(calibration_inputs(train_split, size))) if args.qat else None
     args.out.mkdir(parents=True, exist_ok=True)
 
     def checkpoint(epoch: int | str, val_accuracy: float) -> None:
@@ -826,6 +1017,7 @@ def main(argv: list[str] | None = None) -> int:
             constant_lr=args.constant_lr,
         ),
     )
+    _end_simulation(model, val_x, val_split.labels)
     export_onnx(model, fp32, size)
     torch_val = logits_of(model, val_x)
     gap = np.abs(ort_logits(fp32, val_x) - torch_val).max()
@@ -838,6 +1030,26 @@ def main(argv: list[str] | None = None) -> int:
         best_epoch=fit_epoch if isinstance(fit_epoch := fit["best_epoch"], str) else int(fit_epoch),
         trained=trained,
     )
+
+
+def _end_simulation(model: Classifier, val_x: np.ndarray, val_y: np.ndarray) -> None:
+    """Report the simulated int8 model's validation figures (to compare with onnxruntime's
+    int8 model) and return the model to fp32."""
+    if model.sim is None:
+        return
+    model.sim.calibrate(model)
+    logits = logits_of(model, val_x)
+    _say(
+        f"simulated int8 on validation: top-1 {_accuracy(logits, val_y):.4f} "
+        f"top-3 {_accuracy(logits, val_y, 3):.4f}"
+    )
+    model.sim = None
+
+
+def calibration_inputs(train_split: Split, size: int) -> list[np.ndarray]:
+    """The int8 calibration set: 256 training images as inference sees them (no augmentation)."""
+    calib_idx = np.random.default_rng(SEED + 1).permutation(len(train_split.images))[:256]
+    return [preprocess(train_split.images[i], size) for i in calib_idx]
 
 
 def finish(
@@ -853,9 +1065,7 @@ def finish(
     out = fp32.parent
     size = int(val_x.shape[-1])
     val_fp32 = ort_logits(fp32, val_x)
-    # Calibration set: 256 training images as inference sees them (no augmentation).
-    calib_idx = np.random.default_rng(SEED + 1).permutation(len(train_split.images))[:256]
-    calib = [preprocess(train_split.images[i], size) for i in calib_idx]
+    calib = calibration_inputs(train_split, size)
     int8 = out / "classifier.int8.onnx"
     quantize_model(fp32, int8, calibration=({"image": x} for x in calib), method="static")
     y = val_split.labels
