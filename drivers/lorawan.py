@@ -620,6 +620,8 @@ class DeviceLink:
     recent: deque[tuple[int, int, float]] = field(
         default_factory=lambda: deque(maxlen=_RECENT_FRAMES)
     )
+    # Their fCnts alone (same length, same order): most frames are new, and `in` tells so.
+    recent_fcnts: deque[int] = field(default_factory=lambda: deque(maxlen=_RECENT_FRAMES))
 
 
 class LinkTracker:
@@ -650,7 +652,9 @@ class LinkTracker:
         """
         link = self.device(dev_eui)
         ident = hash(dedup_id) if dedup_id else 0
-        for seen_fcnt, seen_ident, seen_at in link.recent:
+        # Most frames are new: a counter not among the last few settles it in one scan in C.
+        recent = link.recent if f_cnt in link.recent_fcnts else ()
+        for seen_fcnt, seen_ident, seen_at in recent:
             if (
                 seen_fcnt == f_cnt
                 and (seen_ident == ident or not (seen_ident and ident))
@@ -658,6 +662,7 @@ class LinkTracker:
             ):
                 return True
         link.recent.append((f_cnt, ident, now))
+        link.recent_fcnts.append(f_cnt)
         return False
 
     def uplink(
@@ -798,7 +803,8 @@ class Profile:
         values: list[Measurement] = []
         flags: set[str] = set()
         for spec in self.fields:
-            raw = _lookup(decoded, spec.field)
+            # Most decoders' fields are top-level: one dict lookup instead of a path walk.
+            raw = decoded.get(spec.field) if "." not in spec.field else _lookup(decoded, spec.field)
             if raw is None:
                 continue
             if isinstance(raw, bool) or not isinstance(raw, int | float | str):
@@ -834,7 +840,11 @@ class Profile:
     def _water_level(self, values: list[Measurement], params: Mapping[str, float]) -> set[str]:
         spec = self.water_level
         assert spec is not None
-        distance = next((m.value for m in values if m.name == spec.distance), None)
+        distance = None
+        for m in values:
+            if m.name == spec.distance:
+                distance = m.value
+                break
         height = params.get(spec.mounting_height_param)
         if not isinstance(distance, int | float) or height is None:
             return {"no_level"}

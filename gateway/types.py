@@ -134,7 +134,15 @@ class Measurement:
     unit: str | None = None
 
     def __post_init__(self) -> None:
-        _check_name("measurement name", self.name)
+        unit = self.unit
+        # A name and unit once accepted are accepted again: the same few pairs recur in every
+        # event, so they are checked in full only the first time (see _is_label).
+        if type(self.name) is not str or (unit is not None and type(unit) is not str):
+            _check_name("measurement name", self.name)
+        elif not _is_label(self.name, unit):
+            _check_name("measurement name", self.name)
+            if unit is not None:
+                _check_text(f"unit of {self.name}", unit)
         value = self.value
         if type(value) is float:
             # The common case first, without the general checks' isinstance chain.
@@ -149,8 +157,20 @@ class Measurement:
                 f"value of {self.name} must be a number, bool or short string "
                 f"(got: {type(self.value).__name__})"
             )
-        if self.unit is not None:
-            _check_text(f"unit of {self.name}", self.unit)
+        if unit is not None and type(unit) is not str:
+            _check_text(f"unit of {self.name}", unit)
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_label(name: str, unit: str | None) -> bool:
+    """Whether a measurement name and unit pass their checks (memoised: they recur)."""
+    try:
+        _check_name("measurement name", name)
+        if unit is not None:
+            _check_text("unit", unit)
+    except EventValidationError:
+        return False
+    return True
 
 
 @dataclass(frozen=True, slots=True)
