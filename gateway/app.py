@@ -42,7 +42,7 @@ from gateway.config import (
 from gateway.credentials import read_password, tls_context
 from gateway.errors import CodecError, ConfigError
 from gateway.health import Heartbeats, Metrics, Notifier, RateMeter
-from gateway.outbox import Outbox
+from gateway.outbox import DEFAULT_SENDER_WINDOW, Outbox
 from gateway.pipeline import OnStored, Pipeline
 from gateway.types import Emit, Event, Measurement, Reading, ReportError
 from gateway.uplink import FileUplink, MqttUplink, Uplink
@@ -342,6 +342,21 @@ def serial_summary(source: SerialSource) -> dict[str, Any]:
     return {"source": source.name, **source.port.summary(), "counters": dict(source.counters)}
 
 
+def sender_window(cfg: GatewayConfig) -> int:
+    """The smallest in-flight window of the brokers whose messages wait for an outbox commit.
+
+    The ChirpStack source acknowledges an uplink only once its event is committed; the broker
+    sends it at most this many unacknowledged: its Receive Maximum (``max_unacked``) with MQTT 5,
+    the broker's own ``max_inflight_messages`` with 3.1.1 (mosquitto's default assumed).
+    """
+    windows = [
+        source.max_unacked if source.mqtt_version == "5" else DEFAULT_SENDER_WINDOW
+        for source in cfg.sources
+        if isinstance(source, ChirpStackSourceConfig) and source.replay_file is None
+    ]
+    return min(windows, default=DEFAULT_SENDER_WINDOW)
+
+
 class Gateway:
     """One running gateway, wired from a validated config."""
 
@@ -420,7 +435,9 @@ class Gateway:
         )
         log.info("gateway_starting", version=__version__, gateway_id=self._gateway_id)
         async with contextlib.AsyncExitStack() as stack:
-            outbox = await stack.enter_async_context(Outbox(cfg.outbox_path, cfg.outbox, encoding))
+            outbox = await stack.enter_async_context(
+                Outbox(cfg.outbox_path, cfg.outbox, encoding, sender_window=sender_window(cfg))
+            )
             engine, analyzers = await self._start_models(stack)
             outbox.heartbeat = self._heartbeats.register("outbox")
             pipeline = Pipeline(cfg.pipeline, outbox, self._metrics)

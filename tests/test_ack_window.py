@@ -9,13 +9,15 @@ next group over while one commits, keeping the callbacks in order.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from gateway.config import OutboxSection, PipelineSection
+from gateway.app import sender_window
+from gateway.config import OutboxSection, PipelineSection, config_from_dict
 from gateway.health import Metrics
-from gateway.outbox import Outbox
+from gateway.outbox import DEFAULT_SENDER_WINDOW, Outbox
 from gateway.pipeline import Pipeline
 from gateway.types import Event, Measurement, Reading
 
@@ -40,6 +42,77 @@ async def test_a_group_holding_upstream_messages_commits_without_lingering(
         # Fewer held messages (or none) still linger for company, as before.
         assert await _timed_put(outbox, 3, holding=3) >= 0.5
         assert await _timed_put(outbox, 10, holding=0) >= 0.5
+
+
+async def test_the_threshold_is_half_the_senders_window(tmp_path: Path) -> None:
+    """A sender that may have 1000 messages in flight is not stalled by 10 of them waiting: the
+    group lingers (and grows: one commit per ten uplinks cost CPU under load) until half of
+    the window waits on it."""
+    cfg = OutboxSection(commit_linger_ms=1000)
+    async with Outbox(tmp_path / "o.db", cfg, sender_window=1000) as outbox:
+        assert await _timed_put(outbox, 10, holding=10) >= 0.5
+        assert await _timed_put(outbox, 500, holding=500) < 0.5
+
+
+def test_the_senders_window_comes_from_the_chirpstack_sources(tmp_path: Path) -> None:
+    def window(*sources: dict[str, object]) -> int:
+        raw = {
+            "gateway": {"id": "gw", "state_dir": str(tmp_path)},
+            "uplink": {"type": "file", "path": str(tmp_path / "events.jsonl")},
+            "sources": list(sources),
+        }
+        return sender_window(config_from_dict(raw, "test"))
+
+    v5 = {"type": "chirpstack", "name": "a", "max_unacked": 600}
+    v311 = {"type": "chirpstack", "name": "b", "mqtt_version": "3.1.1"}
+    assert window(v5) == 600
+    assert window(v5, v311) == DEFAULT_SENDER_WINDOW
+    assert window({"type": "chirpstack"}) == 1000
+    assert window() == DEFAULT_SENDER_WINDOW
+
+
+async def test_a_large_group_commits_on_the_loop_thread_a_small_one_on_the_worker(
+    tmp_path: Path,
+) -> None:
+    """Under load (large groups) the worker thread cannot get the GIL from the busy loop; small
+    groups (a trickle, an alarm) stay on the worker, where a slow fsync cannot stall the loop."""
+    committed_on: list[int] = []
+
+    def trace(sql: str) -> None:
+        if sql == "COMMIT":
+            committed_on.append(threading.get_ident())
+
+    async with Outbox(tmp_path / "o.db", OutboxSection(commit_linger_ms=0)) as outbox:
+        db = outbox._db  # observing the real connection; set while the writer is idle
+        assert db is not None
+        db.set_trace_callback(trace)
+        await outbox.put_many([_event(i) for i in range(3)])
+        await outbox.put_many([_event(i) for i in range(200)])
+        await outbox.put_many([_event(i) for i in range(3)])
+    loop_thread = threading.get_ident()
+    assert committed_on[:3] == [committed_on[0], loop_thread, committed_on[0]]
+    assert committed_on[0] != loop_thread
+
+
+async def test_work_on_the_loop_thread_waits_for_the_workers(tmp_path: Path) -> None:
+    """One connection, one transaction at a time: never the loop's thread and the worker."""
+    spans: list[tuple[str, float, float]] = []
+
+    def slow() -> None:
+        started = time.monotonic()
+        time.sleep(0.2)
+        spans.append(("worker", started, time.monotonic()))
+
+    def quick() -> None:
+        spans.append(("loop", time.monotonic(), time.monotonic()))
+
+    async with Outbox(tmp_path / "o.db", OutboxSection()) as outbox:
+        on_worker = asyncio.create_task(outbox._run(slow))
+        await asyncio.sleep(0)  # handed to the worker now
+        await outbox._run_here_if(True, quick)
+        await on_worker
+    assert [name for name, *_ in spans] == ["worker", "loop"]
+    assert spans[1][1] >= spans[0][2]
 
 
 async def test_the_pipeline_does_not_wait_for_a_commit_to_hand_over_more(tmp_path: Path) -> None:
