@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import math
 import re
@@ -342,14 +343,33 @@ def _bool(value: Any) -> bool:
     return value
 
 
+@functools.lru_cache(maxsize=256)
+def _utc_seconds(date_time: str) -> int:
+    """Seconds since the epoch of "YYYY-MM-DDTHH:MM:SS" (already matched by _RFC3339_UTC).
+
+    Memoised: the uplinks of one second (or of a burst) share it.
+    """
+    delta = (
+        datetime(
+            int(date_time[0:4]),
+            int(date_time[5:7]),
+            int(date_time[8:10]),
+            int(date_time[11:13]),
+            int(date_time[14:16]),
+            int(date_time[17:19]),
+        )
+        - _EPOCH
+    )
+    return delta.seconds + delta.days * 86400
+
+
 def _timestamp(value: Any) -> dict[str, int]:
     # Timestamp.FromJsonString's arithmetic, for the UTC form ChirpStack writes.
     match = _RFC3339_UTC.fullmatch(value) if type(value) is str else None
     if match is None:
         raise _DeclinedError
-    year, month, day, hour, minute, second, fraction = match.groups()
-    delta = datetime(int(year), int(month), int(day), int(hour), int(minute), int(second)) - _EPOCH
-    seconds = delta.seconds + delta.days * 86400
+    seconds = _utc_seconds(value[:19])
+    fraction = match.group(7)
     nanos = round(float("0." + fraction) * 1e9) if fraction else 0
     if not _TIMESTAMP_MIN_S <= seconds <= _TIMESTAMP_MAX_S or not 0 <= nanos <= 999_999_999:
         raise _DeclinedError
