@@ -96,6 +96,8 @@ _LINGER_BELOW_ROWS = 256
 DEFAULT_SENDER_WINDOW = 20  # mosquitto's max_inflight_messages, what an MQTT 3.1.1 client gets
 # A commit group this large runs on the event loop's thread (see the module's docstring).
 _INLINE_ROWS = 64
+# How long the loop's thread blocks for a job the worker still has before it awaits it instead.
+_BLOCK_FOR_WORKER_S = 0.1
 
 
 def _chunks(items: list[_I], sizes: tuple[int, ...]) -> Iterator[list[_I]]:
@@ -264,8 +266,13 @@ class Outbox:
         """
         if not here:
             return await self._run(fn)
-        if self._thread_job is not None and not self._thread_job.done():
-            futures.wait([self._thread_job])
+        while (job := self._thread_job) is not None and not job.done():
+            if futures.wait([job], timeout=_BLOCK_FOR_WORKER_S).done:
+                continue
+            # A worker this slow is stuck on the disk, not starved: wait without blocking the
+            # loop, which has other work (a local alarm output, say). A new job may have come.
+            with contextlib.suppress(Exception):
+                await asyncio.wrap_future(job)
         return fn()
 
     def _open(self) -> None:

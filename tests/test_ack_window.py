@@ -14,6 +14,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
+
 from gateway.app import sender_window
 from gateway.config import OutboxSection, PipelineSection, config_from_dict
 from gateway.health import Metrics
@@ -94,25 +96,40 @@ async def test_a_large_group_commits_on_the_loop_thread_a_small_one_on_the_worke
     assert committed_on[0] != loop_thread
 
 
-async def test_work_on_the_loop_thread_waits_for_the_workers(tmp_path: Path) -> None:
-    """One connection, one transaction at a time: never the loop's thread and the worker."""
+@pytest.mark.parametrize("worker_s", [0.05, 0.6])
+async def test_work_on_the_loop_thread_waits_for_the_workers(
+    tmp_path: Path, worker_s: float
+) -> None:
+    """One connection, one transaction at a time: never the loop's thread and the worker. A
+    worker stuck long (a stalled disk) is waited for without blocking the loop."""
     spans: list[tuple[str, float, float]] = []
+    ticks = 0
 
     def slow() -> None:
         started = time.monotonic()
-        time.sleep(0.2)
+        time.sleep(worker_s)
         spans.append(("worker", started, time.monotonic()))
 
     def quick() -> None:
         spans.append(("loop", time.monotonic(), time.monotonic()))
 
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
     async with Outbox(tmp_path / "o.db", OutboxSection()) as outbox:
+        ticker = asyncio.create_task(tick())
         on_worker = asyncio.create_task(outbox._run(slow))
         await asyncio.sleep(0)  # handed to the worker now
         await outbox._run_here_if(True, quick)
         await on_worker
+        ticker.cancel()
     assert [name for name, *_ in spans] == ["worker", "loop"]
     assert spans[1][1] >= spans[0][2]
+    if worker_s > 0.5:
+        assert ticks >= 10, "the loop stood still while the worker was stuck"
 
 
 async def test_the_pipeline_does_not_wait_for_a_commit_to_hand_over_more(tmp_path: Path) -> None:
