@@ -14,7 +14,9 @@ Needs the optional ``train`` extra (torch, CPU build). Steps, all seeded:
    cost on a shared 2-core machine); the last blocks and a new 6-class head are trained on
    TrashNet's *train* split with augmentation (random resized crop, flips, rotation by quarter
    turns, colour jitter), label smoothing, AdamW and a cosine schedule. TrashNet's *validation*
-   split chooses the epoch (best validation accuracy, ties by loss).
+   split chooses the epoch (best validation accuracy, ties by loss). A further stage from those
+   weights can train the int8 model itself (``--qat``: the quantiser's rounding simulated in the
+   forward pass, :class:`Int8Sim`) and average its epochs' weights (``--swa``): 1.2.0.
 3. **Export and int8.** fp32 ONNX, then static QDQ int8 with :func:`models.quantize.quantize_model`,
    calibrated on training images.
 4. **Calibration.** One temperature for the int8 model's logits, fitted on the validation split
@@ -55,7 +57,7 @@ from models.waste.preprocess import IMAGE_SIZE, LABELS, decode_image, preprocess
 __all__ = ["main"]
 
 NAME = "waste_classifier"
-VERSION = "1.1.0"
+VERSION = "1.2.0"
 SEED = 20_261_122
 HERE = Path(__file__).resolve().parent
 BACKBONE = Path("onnx-models/mobilenetv2-12-int8/mobilenetv2-12-int8.onnx")
@@ -916,6 +918,22 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _trained(args: argparse.Namespace, size: int) -> str:
+    """How the network was trained, for the card's description."""
+    text = f"blocks {args.train_from_block}-16 and a new head fine-tuned on TrashNet at "
+    init_card = None if args.init_fp32 is None else args.init_fp32.with_suffix(".toml")
+    if init_card is not None and init_card.is_file():
+        first = load_card(init_card).params.get("image_size", IMAGE_SIZE)
+        text += f"{first} x {first} px, then a further stage at {size} x {size} px"
+    else:
+        text += f"{size} x {size} px"
+    if args.qat:
+        text += " on the int8 model simulated (quantisation-aware)"
+    if args.swa:
+        text += ", the mean of the stage's epoch-end weights (SWA)"
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -938,10 +956,7 @@ def main(argv: list[str] | None = None) -> int:
     size = args.image_size
     val_x = plain_inputs(val_split, size)
     fp32 = args.out / "classifier.fp32.onnx"
-    trained = (
-        f"blocks {args.train_from_block}-16 and a new head fine-tuned on TrashNet at "
-        f"{size} x {size} px" + (", then quantisation-aware (simulated int8)" if args.qat else "")
-    )
+    trained = _trained(args, size)
     if args.members:
         # Several exported classifiers (each trained by this script) as one file whose logits
         # are their mean, run at this input size.
