@@ -191,20 +191,35 @@ class Backbone(nn.Module):  # type: ignore[misc]  # torch is not type-checked (t
         """
         if fake_quant:
             x = _fake_quant(x, self.input_quant)
+
+        def rounded(step: _Step, out: Tensor) -> Tensor:
+            if fake_quant and step.quant is not None:
+                return _fake_quant(out, step.quant)
+            return out
+
+        return self.walk(x, start, stop, lambda conv, h: cast(Tensor, conv(h)), rounded)
+
+    def walk(
+        self,
+        x: Tensor,
+        start: int,
+        stop: int | None,
+        conv: Callable[[nn.Conv2d, Tensor], Tensor],
+        after: Callable[[_Step, Tensor], Tensor],
+    ) -> Tensor:
+        """The steps' graph walk: ``conv`` applies a conv module, ``after`` sees every output."""
         env: dict[str, Tensor] = {self.steps[start].inputs[0]: x}
         out = x
         for step in self.steps[start:stop]:
             if step.kind == "conv":
-                conv = self.convs[step.conv]
-                out = cast(Tensor, conv(env[step.inputs[0]]))
+                out = conv(self.convs[step.conv], env[step.inputs[0]])
                 if step.relu6:
                     out = torch.clamp(out, 0.0, 6.0)
             elif step.kind == "add":
                 out = env[step.inputs[0]] + env[step.inputs[1]]
             else:
                 out = env[step.inputs[0]].mean(dim=(2, 3))
-            if fake_quant and step.quant is not None:
-                out = _fake_quant(out, step.quant)
+            out = after(step, out)
             env[step.output] = out
         return out
 
@@ -348,30 +363,25 @@ class Int8Sim:
         """:meth:`Backbone.run` with the int8 model's rounding."""
         if start == 0:
             x = self.point("image", x)
-        env: dict[str, Tensor] = {backbone.steps[start].inputs[0]: x}
-        out = x
-        for step in backbone.steps[start:stop]:
-            if step.kind == "conv":
-                conv = backbone.convs[step.conv]
-                out = torch.nn.functional.conv2d(
-                    env[step.inputs[0]],
-                    self.weight(conv.weight),
-                    conv.bias,
-                    conv.stride,
-                    conv.padding,
-                    conv.dilation,
-                    conv.groups,
-                )
-                if step.relu6:
-                    out = torch.clamp(out, 0.0, 6.0)
-            elif step.kind == "add":
-                out = env[step.inputs[0]] + env[step.inputs[1]]
-            else:
-                out = env[step.inputs[0]].mean(dim=(2, 3))
-            # A new tensor (not the caller's input): rounding it in place is safe.
-            out = self.point(step.output, out, in_place=True)
-            env[step.output] = out
-        return out
+
+        def conv(module: nn.Conv2d, h: Tensor) -> Tensor:
+            return cast(
+                Tensor,
+                torch.nn.functional.conv2d(
+                    h,
+                    self.weight(module.weight),
+                    module.bias,
+                    module.stride,
+                    module.padding,
+                    module.dilation,
+                    module.groups,
+                ),
+            )
+
+        # Every output is a new tensor (not the caller's input): rounding it in place is safe.
+        return backbone.walk(
+            x, start, stop, conv, lambda step, out: self.point(step.output, out, in_place=True)
+        )
 
     def head(self, head: nn.Linear, feats: Tensor) -> Tensor:
         logits = torch.nn.functional.linear(feats, self.weight(head.weight), head.bias)
