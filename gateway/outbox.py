@@ -271,8 +271,9 @@ class Outbox:
                 continue
             # A worker this slow is stuck on the disk, not starved: wait without blocking the
             # loop, which has other work (a local alarm output, say). A new job may have come.
+            # Shielded: the job is another caller's, and this caller's cancellation is not its.
             with contextlib.suppress(Exception):
-                await asyncio.wrap_future(job)
+                await asyncio.shield(asyncio.wrap_future(job))
         return fn()
 
     def _open(self) -> None:

@@ -132,6 +132,22 @@ async def test_work_on_the_loop_thread_waits_for_the_workers(
         assert ticks >= 10, "the loop stood still while the worker was stuck"
 
 
+async def test_a_cancelled_wait_for_the_worker_leaves_its_jobs_alone(tmp_path: Path) -> None:
+    """Waiting for another caller's job on the worker, then being cancelled, cancels only the
+    waiter: the job still runs and its caller gets its result."""
+    async with Outbox(tmp_path / "o.db", OutboxSection()) as outbox:
+        stuck = asyncio.create_task(outbox._run(lambda: time.sleep(0.4)))
+        queued = asyncio.create_task(outbox._run(lambda: "done"))
+        await asyncio.sleep(0)  # both handed to the worker: one running, one queued
+        waiter = asyncio.create_task(outbox._run_here_if(True, lambda: "ran here"))
+        await asyncio.sleep(0.2)  # past the blocking part: awaiting the queued job now
+        waiter.cancel()
+        await asyncio.gather(waiter, return_exceptions=True)
+        assert waiter.cancelled()
+        assert await queued == "done"
+        await stuck
+
+
 async def test_the_pipeline_does_not_wait_for_a_commit_to_hand_over_more(tmp_path: Path) -> None:
     """With a 20-message window, every item waits for a commit: the commits must not take a full
     linger each, and the callbacks (the broker acks) run in submission order."""
