@@ -136,13 +136,14 @@ class Measurement:
     def __post_init__(self) -> None:
         unit = self.unit
         # A name and unit once accepted are accepted again: the same few pairs recur in every
-        # event, so they are checked in full only the first time (see _is_label).
-        if type(self.name) is not str or (unit is not None and type(unit) is not str):
+        # event, so they are checked in full (in the usual order) only when not known good.
+        known = (
+            type(self.name) is str
+            and (unit is None or type(unit) is str)
+            and _is_label(self.name, unit)
+        )
+        if not known:
             _check_name("measurement name", self.name)
-        elif not _is_label(self.name, unit):
-            _check_name("measurement name", self.name)
-            if unit is not None:
-                _check_text(f"unit of {self.name}", unit)
         value = self.value
         if type(value) is float:
             # The common case first, without the general checks' isinstance chain.
@@ -157,7 +158,7 @@ class Measurement:
                 f"value of {self.name} must be a number, bool or short string "
                 f"(got: {type(self.value).__name__})"
             )
-        if unit is not None and type(unit) is not str:
+        if not known and unit is not None:
             _check_text(f"unit of {self.name}", unit)
 
 
