@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import structlog
 from chirpstack_api import integration
@@ -161,8 +161,8 @@ class _SessionLostError(Exception):
     """The broker connection failed or dropped; retried with backoff."""
 
 
-@dataclass(frozen=True, slots=True)
-class _Frame:
+# One per uplink: a NamedTuple is as immutable as a frozen dataclass and built 2-3x faster.
+class _Frame(NamedTuple):
     """One uplink frame (devEUI, fCnt) and what it became; a duplicate becomes nothing."""
 
     key: tuple[str, int]

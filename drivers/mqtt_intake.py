@@ -38,8 +38,7 @@ import ssl
 import struct
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 # MQTT 3.1.1 control packet types (high nibble of the fixed header).
 _CONNECT = 0x10
@@ -103,8 +102,8 @@ class MqttRefusedError(MqttIntakeError):
         self.rc = rc
 
 
-@dataclass(frozen=True, slots=True)
-class IntakeMessage:
+# One per uplink: a NamedTuple is as immutable as a frozen dataclass and built 2-3x faster.
+class IntakeMessage(NamedTuple):
     """One received PUBLISH. ``packet_id`` is 0 for QoS 0 (nothing to acknowledge).
 
     ``oversized`` is 0, or the packet's remaining length when it exceeded ``max_packet_bytes``:

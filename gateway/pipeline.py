@@ -27,7 +27,7 @@ import asyncio
 import contextlib
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import structlog
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
@@ -62,8 +62,8 @@ def reading_to_event(reading: Reading) -> Event:
     )
 
 
-@dataclass(frozen=True, slots=True)
-class _Item:
+# One per uplink: a NamedTuple is as immutable as a frozen dataclass and built 2-3x faster.
+class _Item(NamedTuple):
     payload: Reading | Event
     on_stored: OnStored | None
 
