@@ -46,6 +46,7 @@ _ALLOWED_IMPORTS = {
     "collections.abc",
     "dataclasses",
     "decimal",
+    "struct",  # byte layouts, nothing else
     "typing",
     "gateway.errors",
 }
