@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 from chirpstack_api import integration
@@ -415,8 +415,8 @@ def _plain_json(value: Any, depth: int) -> bool:
 # two ways to the same Uplink.
 
 
-@dataclass(frozen=True, slots=True)
-class Uplink:
+# One per uplink: a NamedTuple is as immutable as a frozen dataclass and built 2-3x faster.
+class Uplink(NamedTuple):
     """What the ChirpStack source uses of an ``up`` event."""
 
     deduplication_id: str
@@ -484,67 +484,89 @@ def parse_uplink_json(payload: bytes) -> Uplink | None:
         return None
 
 
-def _get(data: dict[str, Any], json_name: str, proto_name: str) -> Any:
-    # json_format takes either name; both given is its error (so decline).
-    value = data.get(json_name)
-    if proto_name != json_name and proto_name in data:
-        if value is not None or json_name in data:
-            raise _DeclinedError
-        value = data[proto_name]
-    if value is None and (json_name in data or proto_name in data):
-        raise _DeclinedError  # an explicit null: json_format's own rules
-    return value
+# The fields the view reads that json_format also takes under their protobuf (snake_case) name.
+# ChirpStack writes the camelCase names, so a document without any of these is read with plain
+# lookups; one with them is renamed first, and one with both names of a field is declined (as
+# json_format refuses it).
+_TOP_PROTO_NAMES = {
+    "deduplication_id": "deduplicationId",
+    "device_info": "deviceInfo",
+    "f_cnt": "fCnt",
+    "f_port": "fPort",
+    "rx_info": "rxInfo",
+}
+_INFO_PROTO_NAMES = {"dev_eui": "devEui", "device_profile_name": "deviceProfileName"}
+
+
+def _json_names(data: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
+    """``data`` with the fields the view reads under their JSON names; declines nulls."""
+    # An explicit null has json_format's own rules. ChirpStack never writes one, so any null
+    # (even in a field the view does not read) declines: one scan in C instead of a check per
+    # field read.
+    if None in data.values():
+        raise _DeclinedError
+    if names.keys().isdisjoint(data.keys()):
+        return data
+    renamed = dict(data)
+    for proto_name, json_name in names.items():
+        if proto_name in renamed:
+            if json_name in renamed:
+                raise _DeclinedError
+            renamed[json_name] = renamed.pop(proto_name)
+    return renamed
 
 
 def _uplink_view(data: dict[str, Any]) -> Uplink:
-    dedup = _get(data, "deduplicationId", "deduplication_id")
-    dedup = "" if dedup is None else _string(dedup)
-    raw_time = _get(data, "time", "time")
-    when = None
-    if raw_time is not None:
-        stamp = _timestamp(raw_time)
-        if stamp["seconds"] or stamp["nanos"]:
-            when = datetime.fromtimestamp(stamp["seconds"] + stamp["nanos"] / 1e9, UTC)
-    info = _get(data, "deviceInfo", "device_info")
+    data = _json_names(data, _TOP_PROTO_NAMES)
+    dedup = _string(data.get("deduplicationId", ""))
+    raw_time = data.get("time")
+    when = None if raw_time is None else _uplink_time(raw_time)
+    info = data.get("deviceInfo")
     dev_eui, profile_name, tags = "", "", {}
     if info is not None:
         if type(info) is not dict:
             raise _DeclinedError
-        eui = _get(info, "devEui", "dev_eui")
-        dev_eui = "" if eui is None else _string(eui).lower()
-        name = _get(info, "deviceProfileName", "device_profile_name")
-        profile_name = "" if name is None else _string(name)
-        raw_tags = _get(info, "tags", "tags")
+        info = _json_names(info, _INFO_PROTO_NAMES)
+        dev_eui = _string(info.get("devEui", "")).lower()
+        profile_name = _string(info.get("deviceProfileName", ""))
+        raw_tags = info.get("tags")
         if raw_tags is not None:
             if type(raw_tags) is not dict:
                 raise _DeclinedError
             tags = {_string(k): _string(v) for k, v in raw_tags.items()}
-    f_cnt = _get(data, "fCnt", "f_cnt")
-    f_port = _get(data, "fPort", "f_port")
+    f_cnt = data.get("fCnt", 0)
+    f_port = data.get("fPort", 0)
     for number in (f_cnt, f_port):
-        if number is not None and (type(number) is not int or not 0 <= number <= _UINT32_MAX):
+        if type(number) is not int or not 0 <= number <= _UINT32_MAX:
             raise _DeclinedError
-    raw_data = _get(data, "data", "data")
-    raw_object = _get(data, "object", "object")
+    raw_data = data.get("data")
+    raw_object = data.get("object")
     obj = None
     if raw_object is not None:
         if type(raw_object) is not dict:
             raise _DeclinedError
         obj = _struct_dict(raw_object, _STRUCT_MAX_DEPTH)
-    rssi, snr = _best_rx(_get(data, "rxInfo", "rx_info"))
+    rssi, snr = _best_rx(data.get("rxInfo"))
     return Uplink(
         deduplication_id=dedup,
         time=when,
         dev_eui=dev_eui,
         device_profile_name=profile_name,
         tags=tags,
-        f_cnt=f_cnt or 0,
-        f_port=f_port or 0,
+        f_cnt=f_cnt,
+        f_port=f_port,
         data=b"" if raw_data is None else _bytes(raw_data),
         object=obj,
         rssi=rssi,
         snr=snr,
     )
+
+
+def _uplink_time(value: Any) -> datetime | None:
+    stamp = _timestamp(value)
+    if not (stamp["seconds"] or stamp["nanos"]):
+        return None  # the zero Timestamp is an unset one
+    return datetime.fromtimestamp(stamp["seconds"] + stamp["nanos"] / 1e9, UTC)
 
 
 def _best_rx(rx_info: Any) -> tuple[float | None, float | None]:
@@ -556,12 +578,10 @@ def _best_rx(rx_info: Any) -> tuple[float | None, float | None]:
     best_rssi: int | None = None
     rssi = snr = None
     for rx in rx_info:
-        if type(rx) is not dict:
+        if type(rx) is not dict or None in rx.values():
             raise _DeclinedError
-        r = _get(rx, "rssi", "rssi")
-        q = _get(rx, "snr", "snr")
-        r = 0 if r is None else r
-        q = 0.0 if q is None else q
+        r = rx.get("rssi", 0)
+        q = rx.get("snr", 0.0)
         if type(r) is not int or not _INT32[0] <= r <= _INT32[1]:
             raise _DeclinedError
         if (type(q) is not float and type(q) is not int) or not math.isfinite(q):
@@ -821,34 +841,43 @@ class Profile:
         else:
             raise CodecError(f"profile {self.name}: no codec and ChirpStack sent no object")
         values: list[Measurement] = []
-        flags: set[str] = set()
+        flags: list[str] = []
         for spec in self.fields:
             # Most decoders' fields are top-level: one dict lookup instead of a path walk.
             raw = decoded.get(spec.field) if "." not in spec.field else _lookup(decoded, spec.field)
             if raw is None:
                 continue
-            if isinstance(raw, bool) or not isinstance(raw, int | float | str):
-                raise CodecError(
-                    f"profile {self.name}: field {spec.field} is {type(raw).__name__}, not a value"
-                )
-            if isinstance(raw, str):
-                # Several vendor decoders format numbers as text ("2799 mm", "0.00").
-                number = _LEADING_NUMBER.match(raw)
-                if number is None:
-                    values.append(self._measurement(spec, raw[:256]))
-                    continue
-                raw = float(number.group(0))
-            value = raw * spec.scale + spec.offset
+            if type(raw) is not float and type(raw) is not int:  # the common cases first
+                if isinstance(raw, bool) or not isinstance(raw, int | float | str):
+                    raise CodecError(
+                        f"profile {self.name}: field {spec.field} is {type(raw).__name__}, "
+                        "not a value"
+                    )
+                if isinstance(raw, str):
+                    # Several vendor decoders format numbers as text ("2799 mm", "0.00").
+                    number = _LEADING_NUMBER.match(raw)
+                    if number is None:
+                        values.append(self._measurement(spec, raw[:256]))
+                        continue
+                    raw = float(number.group(0))
+            if type(raw) is int and spec.scale == 1.0 and spec.offset == 0.0 and abs(raw) < 2**53:
+                # A counted integer (cm, mV) taken as it is: what the arithmetic and _tidy
+                # below make of it too, without them.
+                value: float = raw
+                tidy: float | int = raw
+            else:
+                value = raw * spec.scale + spec.offset
+                tidy = _tidy(value)
             if (spec.valid_min is not None and value < spec.valid_min) or (
                 spec.valid_max is not None and value > spec.valid_max
             ):
-                flags.add("out_of_range")
-            values.append(self._measurement(spec, _tidy(value)))
+                flags.append("out_of_range")
+            values.append(self._measurement(spec, tidy))
         if self.water_level is not None:
-            flags |= self._water_level(values, params)
+            flags += self._water_level(values, params)
         if not values:
             raise CodecError(f"profile {self.name}: no mapped field in {sorted(decoded)[:12]}")
-        return tuple(values), tuple(sorted(flags))
+        return tuple(values), tuple(sorted(set(flags))) if flags else ()
 
     def _measurement(self, spec: FieldMap, value: float | str) -> Measurement:
         try:
@@ -857,7 +886,8 @@ class Profile:
             # A decoder's "1e999" or a lone surrogate: the codec's output is unusable.
             raise CodecError(f"profile {self.name}: field {spec.field}: {exc}") from exc
 
-    def _water_level(self, values: list[Measurement], params: Mapping[str, float]) -> set[str]:
+    def _water_level(self, values: list[Measurement], params: Mapping[str, float]) -> list[str]:
+        """Appends the water level to ``values``; returns its quality flags."""
         spec = self.water_level
         assert spec is not None
         distance = None
@@ -867,14 +897,16 @@ class Profile:
                 break
         height = params.get(spec.mounting_height_param)
         if not isinstance(distance, int | float) or height is None:
-            return {"no_level"}
-        flags: set[str] = set()
+            return ["no_level"]
+        level = height - distance
+        values.append(
+            Measurement("water_level", level if type(level) is int else _tidy(level), "cm")
+        )
         # 0 is what several ultrasonic sensors report when no echo came back: a sentinel, not
         # a river at the sensor's face.
         if distance == 0 or not spec.sensor_min_cm <= distance <= spec.sensor_max_cm:
-            flags.add("invalid_distance")
-        values.append(Measurement("water_level", _tidy(height - distance), "cm"))
-        return flags
+            return ["invalid_distance"]
+        return []
 
 
 def _lookup(data: Mapping[str, Any], path: str) -> Any:
@@ -888,4 +920,6 @@ def _lookup(data: Mapping[str, Any], path: str) -> Any:
 
 def _tidy(value: float) -> float | int:
     rounded = round(value, 6)
-    return int(rounded) if float(rounded).is_integer() and abs(rounded) < 2**53 else rounded
+    if type(rounded) is not float:
+        return rounded  # an int: round() gives it back as it is
+    return int(rounded) if rounded.is_integer() and abs(rounded) < 2**53 else rounded
