@@ -125,13 +125,30 @@ def _check_ts(ts: datetime) -> None:
         raise EventValidationError(f"timestamp must be timezone-aware (got: {_show(ts)})")
 
 
-@dataclass(frozen=True, slots=True)
+# A frozen dataclass's generated __init__ sets each field with object.__setattr__. Measurement and
+# Reading (half a dozen of them per LoRaWAN uplink) set theirs through the slots' own descriptors
+# instead: the same effect, a third faster (0.21 against 0.32 us for a Measurement here).
+Setter = Callable[[object, object], None]
+
+
+def _slot_setters(cls: type, names: tuple[str, ...]) -> tuple[Setter, ...]:
+    return tuple(getattr(cls, name).__set__ for name in names)
+
+
+@dataclass(frozen=True, slots=True, init=False)
 class Measurement:
     """One named value with its UCUM unit (``cm``, ``Cel``, ``%``, ``V``) or no unit."""
 
     name: str
     value: Scalar
     unit: str | None = None
+
+    def __init__(self, name: str, value: Scalar, unit: str | None = None) -> None:
+        set_name, set_value, set_unit = _MEASUREMENT_SETTERS
+        set_name(self, name)
+        set_value(self, value)
+        set_unit(self, unit)
+        self.__post_init__()
 
     def __post_init__(self) -> None:
         unit = self.unit
@@ -149,6 +166,9 @@ class Measurement:
             # The common case first, without the general checks' isinstance chain.
             if not math.isfinite(value):
                 raise EventValidationError(f"value of {self.name} must be finite (got: {value!r})")
+        elif type(value) is int:
+            if not MIN_INT <= value <= MAX_INT:
+                _check_number(f"value of {self.name}", value)  # raises, naming the limit
         elif isinstance(self.value, str):
             _check_text(f"value of {self.name}", self.value)
         elif isinstance(self.value, bool | int | float):
@@ -197,7 +217,7 @@ class Provenance:
             _check_number(what, number)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class Reading:
     """What a source observed at one moment, before any analysis."""
 
@@ -209,10 +229,34 @@ class Reading:
     # Set by sources whose input has its own identity (see stable_event_id); else a new id.
     event_id: str | None = None
 
+    def __init__(  # noqa: PLR0917 -- the signature the dataclass would generate
+        self,
+        source: str,
+        device: str,
+        ts: datetime,
+        values: tuple[Measurement, ...],
+        quality: tuple[str, ...] = (),
+        event_id: str | None = None,
+    ) -> None:
+        set_source, set_device, set_ts, set_values, set_quality, set_id = _READING_SETTERS
+        set_source(self, source)
+        set_device(self, device)
+        set_ts(self, ts)
+        set_values(self, values)
+        set_quality(self, quality)
+        set_id(self, event_id)
+        self.__post_init__()
+
     def __post_init__(self) -> None:
         _check_text("source", self.source)
         _check_text("device", self.device)
         _check_ts(self.ts)
+
+
+_MEASUREMENT_SETTERS = _slot_setters(Measurement, ("name", "value", "unit"))
+_READING_SETTERS = _slot_setters(
+    Reading, ("source", "device", "ts", "values", "quality", "event_id")
+)
 
 
 @dataclass(frozen=True, slots=True)
