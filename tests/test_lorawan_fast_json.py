@@ -381,7 +381,12 @@ def test_uplink_view_matches_the_full_parse(proto_names: bool) -> None:
         {"rxInfo": {"rssi": -90}},
         {"object": [1]},
         {"fCnt": None},
+        # A null anywhere, even in a field the view does not read: ChirpStack never writes one.
+        {"devAddr": None},
+        {"rxInfo": [{"rssi": -90, "snr": 5.0, "channel": None}]},
+        {"deviceInfo": {"devEui": "0102030405060708", "tenantName": None}},
         {"fCnt": 1, "f_cnt": 2},  # both names
+        {"deviceInfo": {"devEui": "0102030405060708", "dev_eui": "0102030405060708"}},
     ],
 )
 def test_uplink_view_declines_the_unusual(change: dict[str, Any]) -> None:
