@@ -35,7 +35,6 @@ MAX_INT = 2**64 - 1
 _NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _CROCKFORD_PAIRS = tuple(a + b for a in _CROCKFORD for b in _CROCKFORD)
-_PAIR_SHIFTS = tuple(range(120, -1, -10))  # 13 pairs = 26 characters = 130 bits
 
 Scalar = float | int | bool | str
 
@@ -67,9 +66,29 @@ def new_event_id(now_ms: int | None = None) -> str:
 
 
 def _ulid(ms: int, tail: bytes) -> str:
-    value = ((ms & ((1 << 48) - 1)) << 80) | int.from_bytes(tail[:10], "big")
     # Two characters (10 bits) per lookup: every event gets an id, so this is on the hot path.
-    return "".join([_CROCKFORD_PAIRS[(value >> shift) & 1023] for shift in _PAIR_SHIFTS])
+    # Spelled out, on the 48-bit time and the 80-bit tail apart (two leading zero bits make the
+    # time ten characters): 0.65 us against 1.1 us for a loop over one 130-bit number.
+    t = ms & 0xFFFF_FFFF_FFFF
+    r = int.from_bytes(tail[:10], "big")
+    p = _CROCKFORD_PAIRS
+    return "".join(
+        (
+            p[t >> 40],
+            p[(t >> 30) & 1023],
+            p[(t >> 20) & 1023],
+            p[(t >> 10) & 1023],
+            p[t & 1023],
+            p[r >> 70],
+            p[(r >> 60) & 1023],
+            p[(r >> 50) & 1023],
+            p[(r >> 40) & 1023],
+            p[(r >> 30) & 1023],
+            p[(r >> 20) & 1023],
+            p[(r >> 10) & 1023],
+            p[r & 1023],
+        )
+    )
 
 
 def _show(value: object) -> str:

@@ -28,6 +28,7 @@ from gateway.types import (
     Reading,
     Severity,
     new_event_id,
+    stable_event_id,
 )
 from gateway.wire import Encoding, encode
 
@@ -201,6 +202,16 @@ def test_event_ids_are_26_char_crockford_base32() -> None:
         assert CROCKFORD_ID.fullmatch(eid), eid
         # 128 bits in 26 x 5 = 130: the first character carries only 3 bits.
         assert eid[0] in "01234567"
+
+
+def test_stable_event_ids_do_not_change_between_versions() -> None:
+    # A receiver drops a redelivered event by its id, also after the gateway is upgraded: the
+    # derivation (ULID time part + SHA-256 of the key, Crockford base32) is part of the contract.
+    ts = datetime(2025, 3, 14, 6, 0, 0, 5000, tzinfo=UTC)
+    assert stable_event_id("6f1e9c52-0001-4b8e-9a01-000000000005", ts) == (
+        "01JP9KSWR593C5G6KM7BNP5F2X"
+    )
+    assert stable_event_id("", datetime(1970, 1, 1, tzinfo=UTC)) == "0000000000WERC8GMRZGE196QV"
 
 
 def test_event_ids_are_unique_over_100k() -> None:
