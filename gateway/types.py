@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import IntEnum, StrEnum
-from typing import Protocol
+from typing import Any, Protocol
 
 from gateway.errors import EventValidationError
 
@@ -278,7 +278,11 @@ _READING_SETTERS = _slot_setters(
 )
 
 
-@dataclass(frozen=True, slots=True)
+# Event's default event_id: a new id (a sentinel, so that an explicit None is still refused).
+_NEW_ID: Any = object()
+
+
+@dataclass(frozen=True, slots=True, init=False)
 class Event:
     """A compact, versioned event. ``event_id`` is fixed at creation and survives retries."""
 
@@ -291,6 +295,41 @@ class Event:
     quality: tuple[str, ...] = ()
     event_id: str = field(default_factory=new_event_id)
     schema: int = SCHEMA_VERSION
+
+    def __init__(  # noqa: PLR0917 -- the signature the dataclass would generate
+        self,
+        kind: str,
+        device: str,
+        ts: datetime,
+        severity: Severity = Severity.INFO,
+        values: tuple[Measurement, ...] = (),
+        model: Provenance | None = None,
+        quality: tuple[str, ...] = (),
+        event_id: str = _NEW_ID,
+        schema: int = SCHEMA_VERSION,
+    ) -> None:
+        # Set as Measurement's are (see _slot_setters): one event per uplink at least.
+        (
+            set_kind,
+            set_device,
+            set_ts,
+            set_severity,
+            set_values,
+            set_model,
+            set_quality,
+            set_id,
+            set_schema,
+        ) = _EVENT_SETTERS
+        set_kind(self, kind)
+        set_device(self, device)
+        set_ts(self, ts)
+        set_severity(self, severity)
+        set_values(self, values)
+        set_model(self, model)
+        set_quality(self, quality)
+        set_id(self, new_event_id() if event_id is _NEW_ID else event_id)
+        set_schema(self, schema)
+        self.__post_init__()
 
     def __post_init__(self) -> None:
         _check_name("event kind", self.kind)
@@ -321,6 +360,12 @@ class Event:
         if self.severity in (Severity.ALARM, Severity.CRITICAL):
             return Lane.ALARM
         return Lane.TELEMETRY
+
+
+_EVENT_SETTERS = _slot_setters(
+    Event,
+    ("kind", "device", "ts", "severity", "values", "model", "quality", "event_id", "schema"),
+)
 
 
 def utc_now() -> datetime:
