@@ -90,7 +90,12 @@ class Pipeline:
                 self._metrics.inc("readings_dropped_queue_full")
                 if evicted is not None and evicted.on_stored is not None:
                     evicted.on_stored()
-        await self._queue.put(_Item(item, on_stored))
+        queued = _Item(item, on_stored)
+        if self._queue.full():
+            await self._queue.put(queued)
+        else:
+            # What put() does when there is room, without a coroutine per item.
+            self._queue.put_nowait(queued)
         # Counted once queued: a source cancelled while blocked on a full queue handed nothing in.
         self._metrics.inc("readings_in" if isinstance(item, Reading) else "source_events_in")
 
