@@ -649,7 +649,8 @@ class DeviceLink:
     last_fcnt: int | None = None
     last_seen: float | None = None
     expected_interval_s: float | None = None
-    intervals: list[float] = field(default_factory=list)
+    # The last 16 intervals between uplinks (a deque: one append per uplink, no list copy).
+    intervals: deque[float] = field(default_factory=lambda: deque(maxlen=16))
     rssi: float | None = None
     snr: float | None = None
     rssi_trend: float = 0.0
@@ -740,7 +741,7 @@ class LinkTracker:
                     )
                 )
         if link.last_seen is not None:
-            link.intervals = [*link.intervals[-15:], now - link.last_seen]
+            link.intervals.append(now - link.last_seen)
         link.last_fcnt = fcnt
         link.last_seen = now
         link.uplinks += 1
@@ -787,7 +788,7 @@ class LinkTracker:
         return findings
 
 
-def _median(values: list[float]) -> float | None:
+def _median(values: deque[float]) -> float | None:
     # Learned intervals need a few samples before they mean anything.
     if len(values) < 3:
         return None

@@ -140,6 +140,8 @@ def _check_name(what: str, value: str) -> None:
 
 
 def _check_ts(ts: datetime) -> None:
+    if type(ts) is datetime and ts.tzinfo is UTC:
+        return  # what nearly every source gives: no utcoffset() call needed
     if not isinstance(ts, datetime) or ts.tzinfo is None or ts.utcoffset() is None:
         raise EventValidationError(f"timestamp must be timezone-aware (got: {_show(ts)})")
 
