@@ -549,10 +549,11 @@ class ChirpStackSource:
         if rule.expected_interval_s is not None:
             link_state.expected_interval_s = rule.expected_interval_s
         rssi, snr = msg.rssi, msg.snr
-        out: list[Reading | Event] = [
-            self._finding(f, ts, f"{key}:{f.kind}")
-            for f in self._tracker.uplink(dev_eui, msg.f_cnt, rssi, snr, now)
-        ]
+        findings = self._tracker.uplink(dev_eui, msg.f_cnt, rssi, snr, now)
+        # Nearly always none: no comprehension to set up for them then.
+        out: list[Reading | Event] = (
+            [self._finding(f, ts, f"{key}:{f.kind}") for f in findings] if findings else []
+        )
         try:
             decoded, flags = rule.profile.decode(msg.f_port, msg.data, msg.object, rule.params)
         except CodecError as exc:
