@@ -37,7 +37,9 @@ Scenarios (each runs once with each consumer, in a fresh consumer process):
   the broker drops what exceeds its 1000-message queue for it.
 * ``cold-start-12k``: stock broker, a backlog of ``max_queued_messages`` (1000) queued while the
   consumer is down, then it starts and the publisher goes on at ``--rate`` from the moment it is
-  subscribed. Zero loss needs the consumer to drain the backlog while keeping up.
+  subscribed (the publisher is started and connected first, and waits for the word). Zero loss
+  needs the consumer to drain the backlog while keeping up. Rate = all uplinks / (its
+  subscription → last arrival).
 * ``cold-start-2k``: the same at ``--safe-rate`` (2,000/s), below both consumers' capacity here:
   a cold start with stock limits must lose nothing.
 * ``strict-window-20`` (gateway only): the gateway's ingest path in one process without MQTT,
@@ -569,6 +571,12 @@ def run_publisher(args: argparse.Namespace) -> dict[str, Any]:
     if _read_packet(sock, PacketReader(), 2)[1] != 0:
         raise RuntimeError("CONNACK refused")
     sock.settimeout(None)
+    if args.gated:
+        # Ready to send (packets built, connected); the parent says when: a cold start's live
+        # uplinks start at the consumer's subscription, not a Python start-up after it.
+        print(f"READY {time.monotonic()!r}", flush=True)
+        if sys.stdin.readline().strip() != "GO":
+            raise RuntimeError("the parent did not say GO")
     acks = _AckCounter(sock, n)
     acks.start()
     # At most this many unacknowledged: packet ids (1..65535) are never reused while in flight.
@@ -947,15 +955,21 @@ class Child:
         ]
 
     @classmethod
-    async def start(cls, *argv: str) -> Child:
+    async def start(cls, *argv: str, stdin: bool = False) -> Child:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             str(SCRIPT),
             *argv,
+            stdin=asyncio.subprocess.PIPE if stdin else None,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
         return cls(proc)
+
+    def go(self) -> None:
+        """Start a gated publisher (see run_publisher)."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(b"GO\n")
 
     async def _read_stdout(self) -> None:
         assert self.proc.stdout is not None
@@ -1069,7 +1083,9 @@ class Bench:
         self.run_number = 0
         self.tmp = Path(tempfile.mkdtemp(prefix="bench-chirpstack-"))
 
-    async def publish(self, broker: Any, first: int, count: int, rate: float) -> Child:
+    async def publish(
+        self, broker: Any, first: int, count: int, rate: float, *, gated: bool = False
+    ) -> Child:
         stamps = self.tmp / f"stamps-{self.run_number}-{first}"
         return await Child.start(
             "--role",
@@ -1088,6 +1104,8 @@ class Bench:
             str(rate),
             "--stamps",
             str(stamps),
+            *(["--gated"] if gated else []),
+            stdin=gated,
         )
 
     async def start_profiler(self, child: Child, name: str) -> asyncio.subprocess.Process | None:
@@ -1139,6 +1157,27 @@ class Bench:
             "--max-unacked",
             str(self.args.max_unacked),
         )
+
+    async def start_cold(
+        self, scenario: Scenario, consumer: str, broker: Any, client_id: str, children: list[Child]
+    ) -> tuple[Child, Child | None]:
+        """The consumer, and for a cold start with live uplinks their publisher, gated.
+
+        Started and connected before the consumer, the publisher is told to go the moment the
+        consumer is subscribed: the backlog has to be drained while the live uplinks come in.
+        (Started after it, as until 2026-11-22's fifth session, it began ~0.7 s later, once the
+        consumer had drained the backlog alone, and that gap counted in the rate.)
+        """
+        publisher = None
+        if scenario.backlog and scenario.live:
+            publisher = await self.publish(
+                broker, scenario.backlog, scenario.live, scenario.rate, gated=True
+            )
+            children.append(publisher)
+            await publisher.ready(60)
+        child = await self.start_consumer(consumer, broker, client_id)
+        children.append(child)
+        return child, publisher
 
     async def run_strict(self, scenario: Scenario) -> Run:
         """The in-process run with a strict in-flight window (gateway code only, no broker)."""
@@ -1198,9 +1237,12 @@ class Bench:
                 )
                 children.append(await self.publish(broker, 0, scenario.backlog, 0))
                 result.acked_by_broker += (await children[-1].finish(120, terminate=False))["acked"]
-            child = await self.start_consumer(consumer, broker, client_id)
-            children.append(child)
+            child, publisher = await self.start_cold(
+                scenario, consumer, broker, client_id, children
+            )
             ready_at = await child.ready(60)
+            if publisher is not None:
+                publisher.go()
             profiler = await self.start_profiler(child, f"{scenario.name}-{consumer}")
             sampler = CpuSampler(
                 {
@@ -1213,10 +1255,12 @@ class Bench:
             sampler.start()
             live: dict[str, Any] = {}
             if scenario.live:
-                children.append(
-                    await self.publish(broker, scenario.backlog, scenario.live, scenario.rate)
-                )
-                live = await children[-1].finish(120 + scenario.live / 100, terminate=False)
+                if publisher is None:
+                    publisher = await self.publish(
+                        broker, scenario.backlog, scenario.live, scenario.rate
+                    )
+                    children.append(publisher)
+                live = await publisher.finish(120 + scenario.live / 100, terminate=False)
                 result.acked_by_broker += live["acked"]
                 result.publish_rate = live["publish_rate"]
             await self.settle(sub, result.acked_by_broker)
@@ -1517,6 +1561,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--first", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--stamps", help=argparse.SUPPRESS)
+    parser.add_argument("--gated", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.events is None:
         args.events = 3_000 if args.quick else 40_000
