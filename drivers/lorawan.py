@@ -64,11 +64,26 @@ class ChirpStackMessage:
     message: Any  # the chirpstack-api integration message for event_type
 
 
-# Memoised: a site's few hundred devices send the same few topics over and over (a hit costs a
-# third of the split and the match). An invalid topic raises, and is not kept.
-@functools.lru_cache(maxsize=1024)
+# Topics up to this long are memoised (see parse_topic); a longer one (the application id and
+# event type may be any string) would let a publisher pin up to 64 KiB per cache entry.
+_CACHED_TOPIC_CHARS = 160
+
+
 def parse_topic(topic: str) -> tuple[str, str, str]:
     """``application/{app}/device/{devEui}/event/{type}`` → (app, devEui, type)."""
+    # Memoised: a site's few hundred devices send the same few topics over and over (a hit costs
+    # a third of the split and the match). An invalid topic raises, and is not kept.
+    if len(topic) <= _CACHED_TOPIC_CHARS:
+        return _parse_topic_cached(topic)
+    return _parse_topic(topic)
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_topic_cached(topic: str) -> tuple[str, str, str]:
+    return _parse_topic(topic)
+
+
+def _parse_topic(topic: str) -> tuple[str, str, str]:
     parts = topic.split("/")
     if len(parts) != 6 or parts[0] != "application" or parts[2] != "device" or parts[4] != "event":
         raise CodecError(f"not a ChirpStack event topic: {topic[:120]!r}")
@@ -924,6 +939,6 @@ def _lookup(data: Mapping[str, Any], path: str) -> Any:
 
 def _tidy(value: float) -> float | int:
     rounded = round(value, 6)
-    if type(rounded) is not float:
-        return rounded  # an int: round() gives it back as it is
-    return int(rounded) if rounded.is_integer() and abs(rounded) < 2**53 else rounded
+    if type(rounded) is float:  # nearly always: no float() of a float first
+        return int(rounded) if rounded.is_integer() and abs(rounded) < 2**53 else rounded
+    return int(rounded) if float(rounded).is_integer() and abs(rounded) < 2**53 else rounded

@@ -23,6 +23,7 @@ from drivers.lorawan import (
     LinkTracker,
     Profile,
     WaterLevel,
+    _parse_topic_cached,
     parse_message,
     parse_topic,
 )
@@ -49,6 +50,19 @@ def test_parse_topic() -> None:
     for not_an_eui in ("x", "a84041000181c06", "a84041000181c0612", "a84041000181c06g"):
         with pytest.raises(CodecError, match="not a devEUI"):
             parse_topic(f"application/app-1/device/{not_an_eui}/event/up")
+
+
+def test_parse_topic_keeps_only_short_topics() -> None:
+    # Memoised for speed, but a long application id (any string, up to MQTT's 64 KiB) must not
+    # let a publisher pin memory in the cache.
+    long_app = "a" * 10_000
+    _parse_topic_cached.cache_clear()
+    for n in range(3):
+        topic = f"application/{long_app}{n}/device/{EUI}/event/up"
+        assert parse_topic(topic) == (f"{long_app}{n}", EUI, "up")
+    assert _parse_topic_cached.cache_info().currsize == 0
+    assert parse_topic(TOPIC) == ("app-1", EUI, "up")
+    assert _parse_topic_cached.cache_info().currsize == 1
 
 
 @pytest.mark.parametrize("marshaler", ["auto", "json", "protobuf"])
