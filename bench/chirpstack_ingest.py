@@ -50,6 +50,10 @@ Scenarios (each runs once with each consumer, in a fresh consumer process):
 * ``latency-300``: stock broker, publisher paced at 300 uplinks/s: publish → arrival upstream, p50
   and p99 (the clock is CLOCK_MONOTONIC, shared by every process on the machine).
 
+``--isolate`` puts the consumer alone on the last CPU and everything else (brokers, publisher,
+verifier) on the others, to tell the consumer's limits from the benchmark's own load; by default
+all share every CPU, as ChirpStack, the broker and the gateway do on a gateway.
+
 bench/README.md explains every figure and keeps the measured results. Exit status: 0 when every
 run finished and the gateway lost nothing where it must not (everywhere except the two runs paced
 at the target, where the stock broker drops what a slower consumer cannot take: that is a missed
@@ -815,6 +819,8 @@ async def run_strict_window(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def child_main(args: argparse.Namespace) -> int:
+    if args.consumer_cpu is not None and args.role != "publisher":
+        os.sched_setaffinity(0, {args.consumer_cpu})
     if args.role == "publisher":
         result = run_publisher(args)
     else:
@@ -1156,7 +1162,12 @@ class Bench:
             str(self.args.uplink_inflight),
             "--max-unacked",
             str(self.args.max_unacked),
+            *self.consumer_cpu(),
         )
+
+    def consumer_cpu(self) -> list[str]:
+        cpu = self.args.consumer_cpu
+        return [] if cpu is None else ["--consumer-cpu", str(cpu)]
 
     async def start_cold(
         self, scenario: Scenario, consumer: str, broker: Any, client_id: str, children: list[Child]
@@ -1199,6 +1210,7 @@ class Bench:
             "1",
             "--client-id",
             "strict",
+            *self.consumer_cpu(),
         )
         try:
             out = await child.finish(120 + scenario.live / 200, terminate=False)
@@ -1465,6 +1477,7 @@ async def parent_async(args: argparse.Namespace, brokers: dict[str, Any], upstre
         f"load average {os.getloadavg()[0]:.2f}; max_unacked {args.max_unacked or 'default'}, "
         f"uplink batches of {args.uplink_batch}, "
         f"outbox synchronous=full"
+        + (f"; consumer alone on CPU {args.consumer_cpu}" if args.isolate else "")
     )
     print(f"sample uplink ({len(sample)} bytes, {DEVICES} devices): {sample.decode()}")
     bench = Bench(args, brokers, upstream)
@@ -1494,6 +1507,14 @@ async def parent_async(args: argparse.Namespace, brokers: dict[str, Any], upstre
 def parent_main(args: argparse.Namespace) -> int:
     from tests.support.mosquitto import Mosquitto
 
+    if args.isolate:
+        # Everything this process starts (brokers, publisher, verifier) inherits the first
+        # core; the consumer moves itself to the last (child_main).
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            raise SystemExit("--isolate needs at least 2 CPUs")
+        os.sched_setaffinity(0, set(cpus[:-1]))
+        args.consumer_cpu = cpus[-1]
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-brokers-")))
         brokers = {
@@ -1545,6 +1566,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--profile", metavar="DIR", help="py-spy the consumers into DIR")
     parser.add_argument(
+        "--isolate",
+        action="store_true",
+        help="the consumer alone on the last CPU, brokers, publisher and verifier on the others "
+        "(default: all share every CPU, as on a gateway)",
+    )
+    parser.add_argument(
         "--stall-s", type=float, default=3.0, help="give up when nothing arrives for this long"
     )
     # Child-only options: the parent passes them.
@@ -1562,6 +1589,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--stamps", help=argparse.SUPPRESS)
     parser.add_argument("--gated", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--consumer-cpu", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.events is None:
         args.events = 3_000 if args.quick else 40_000
