@@ -917,10 +917,7 @@ class Profile:
         height = params.get(spec.mounting_height_param)
         if not isinstance(distance, int | float) or height is None:
             return ["no_level"]
-        level = height - distance
-        values.append(
-            Measurement("water_level", level if type(level) is int else _tidy(level), "cm")
-        )
+        values.append(Measurement("water_level", _tidy(height - distance), "cm"))
         # 0 is what several ultrasonic sensors report when no echo came back: a sentinel, not
         # a river at the sensor's face.
         if distance == 0 or not spec.sensor_min_cm <= distance <= spec.sensor_max_cm:
