@@ -651,6 +651,7 @@ def gateway_config(args: argparse.Namespace) -> dict[str, Any]:
                 "reconnect_min_s": 0.1,
                 "reconnect_max_s": 0.5,
                 **({"max_unacked": args.max_unacked} if args.max_unacked else {}),
+                **({"receive_maximum": args.receive_maximum} if args.receive_maximum else {}),
             }
         ],
         "profiles": {
@@ -1162,6 +1163,8 @@ class Bench:
             str(self.args.uplink_inflight),
             "--max-unacked",
             str(self.args.max_unacked),
+            "--receive-maximum",
+            str(self.args.receive_maximum),
             *self.consumer_cpu(),
         )
 
@@ -1475,6 +1478,7 @@ async def parent_async(args: argparse.Namespace, brokers: dict[str, Any], upstre
     print(
         f"edge-gateway ChirpStack ingest: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, "
         f"load average {os.getloadavg()[0]:.2f}; max_unacked {args.max_unacked or 'default'}, "
+        f"receive_maximum {args.receive_maximum or 'default'}, "
         f"uplink batches of {args.uplink_batch}, "
         f"outbox synchronous=full"
         + (f"; consumer alone on CPU {args.consumer_cpu}" if args.isolate else "")
@@ -1560,6 +1564,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=int,
         default=0,
         help="the ChirpStack source's max_unacked (default: the config default, 1000)",
+    )
+    parser.add_argument(
+        "--receive-maximum",
+        type=int,
+        default=0,
+        help="the ChirpStack source's receive_maximum (default: the config default, 65535)",
     )
     parser.add_argument(
         "--uplink-inflight", type=int, default=8, help="uplink.max_inflight (messages)"

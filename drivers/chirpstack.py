@@ -120,9 +120,11 @@ class BrokerSettings:
     # Messages received and not yet acknowledged (committed) before reading pauses: bounds
     # memory while the broker pushes a backlog; the broker keeps the rest for the session.
     max_unacked: int = 1000
-    # MQTT 5 (default): max_unacked becomes the Receive Maximum the broker honours; 4 = 3.1.1
-    # for brokers without 5, where the broker's max_inflight_messages (20 by default) rules.
+    # MQTT 5 (default): how many unacknowledged uplinks the broker may have in flight to us
+    # (see ChirpStackSourceConfig.receive_maximum); 4 = 3.1.1 for brokers without 5, where the
+    # broker's max_inflight_messages (20 by default) rules.
     mqtt_version: int = MQTT_5
+    receive_maximum: int = 3000
 
 
 # LoRaWAN's largest application payload (DR with 242-byte MACPayload limit, minus nothing for
@@ -197,6 +199,7 @@ class ChirpStackSource:
         # Uplink frames handed to the pipeline and not committed yet, with the acknowledgements
         # of copies that arrived meanwhile (see _process).
         self._uncommitted: dict[tuple[str, int], list[Callable[[], None]]] = {}
+        self._dropped_told_until = 0.0
 
     @property
     def tracker(self) -> LinkTracker:
@@ -256,6 +259,7 @@ class ChirpStackSource:
                 tls_context=broker.tls_context(),
                 max_unacked=broker.max_unacked,
                 version=broker.mqtt_version,
+                receive_maximum=broker.receive_maximum,
             )
         except MqttRefusedError as exc:
             if exc.rc in TERMINAL_CONNACK:
@@ -275,37 +279,7 @@ class ChirpStackSource:
             log.info("chirpstack_connected", source=self.name, host=broker.host, port=broker.port)
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._watch_silence(emit), name=f"{self.name}-silence")
-                qos0_told = False
-                while True:
-                    for n, message in enumerate(await client.batch(), start=1):
-                        if not message.qos:
-                            self._count("qos0_messages")
-                            if not qos0_told:
-                                qos0_told = True
-                                log.warning(
-                                    "chirpstack_qos0",
-                                    source=self.name,
-                                    topic=message.topic[:200],
-                                    detail="ChirpStack publishes its events at QoS 0: the "
-                                    "broker neither queues them while the gateway is away nor "
-                                    "waits for their acknowledgement; set qos=1 in "
-                                    "[integration.mqtt] of chirpstack.toml",
-                                )
-                        if message.oversized:
-                            self._oversized(message, report_error, client.acker(message))
-                            continue
-                        await self._process(
-                            message.topic,
-                            message.payload,
-                            emit,
-                            report_error,
-                            client.acker(message),
-                        )
-                        if n % _YIELD_EVERY == 0:
-                            # A backlog arrives in batches of hundreds; without a turn of the
-                            # loop now and then, the outbox commit, the PUBACKs and the uplink
-                            # would all wait for the whole batch (tens of ms).
-                            await asyncio.sleep(0)
+                await self._consume(client, emit, report_error)
         except MqttIntakeError as exc:
             log.warning("chirpstack_disconnected", source=self.name, error=str(exc))
             raise _SessionLostError(str(exc)) from exc
@@ -320,6 +294,59 @@ class ChirpStackSource:
             self.connected.clear()
             self._client = None
             await client.close()
+
+    async def _consume(self, client: MqttIntake, emit: Emit, report_error: ReportError) -> None:
+        """Hands every message of the session to _process, until the session ends (raises)."""
+        qos0_told = False
+        skipped = 0
+        while True:
+            for n, message in enumerate(await client.batch(), start=1):
+                if not message.qos:
+                    self._count("qos0_messages")
+                    if not qos0_told:
+                        qos0_told = True
+                        log.warning(
+                            "chirpstack_qos0",
+                            source=self.name,
+                            topic=message.topic[:200],
+                            detail="ChirpStack publishes its events at QoS 0: the "
+                            "broker neither queues them while the gateway is away nor "
+                            "waits for their acknowledgement; set qos=1 in "
+                            "[integration.mqtt] of chirpstack.toml",
+                        )
+                if message.oversized:
+                    self._oversized(message, report_error, client.acker(message))
+                    continue
+                await self._process(
+                    message.topic,
+                    message.payload,
+                    emit,
+                    report_error,
+                    client.acker(message),
+                )
+                if n % _YIELD_EVERY == 0:
+                    # A backlog arrives in batches of hundreds; without a turn of the
+                    # loop now and then, the outbox commit, the PUBACKs and the uplink
+                    # would all wait for the whole batch (tens of ms).
+                    await asyncio.sleep(0)
+            if client.skipped != skipped:
+                self._broker_dropped(client.skipped - skipped)
+                skipped = client.skipped
+
+    def _broker_dropped(self, n: int) -> None:
+        """Counts uplinks the broker dropped for us; says so at most once a minute."""
+        total = self.counters["broker_dropped"] = self.counters.get("broker_dropped", 0) + n
+        now = time.monotonic()
+        if now >= self._dropped_told_until:
+            self._dropped_told_until = now + 60.0
+            log.warning(
+                "chirpstack_broker_dropped",
+                source=self.name,
+                uplinks=total,
+                detail="the broker skipped these uplinks' packet ids: it dropped them for this "
+                "session, its queue for the gateway being full (mosquitto: max_queued_messages, "
+                "1000 by default) while the gateway fell behind or was away",
+            )
 
     def knows(self, dev_eui: str) -> bool:
         """Whether this source has heard the device (and so can send it a downlink)."""

@@ -50,6 +50,7 @@ _SUBACK = 0x90
 _PINGREQ = b"\xc0\x00"
 _PINGRESP = 0xD0
 _DISCONNECT = b"\xe0\x00"
+_DUP = 0x08  # PUBLISH fixed-header flag: a resend of a message delivered before
 
 # The protocol caps the remaining length at 268,435,455 bytes; ChirpStack events are a few KB.
 # The default of ``max_packet_bytes``: a larger PUBLISH is not data the gateway can use. Its
@@ -227,6 +228,9 @@ class _Protocol(asyncio.Protocol):
         self.last_received = self._loop.time()
         self.server_keepalive_s: int | None = None
         self.closed: asyncio.Future[None] = self._loop.create_future()
+        # Packet ids the broker numbered but never sent on this connection (see _sequence).
+        self.skipped = 0
+        self._next_id = 0
 
     # -- asyncio.Protocol ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -347,6 +351,8 @@ class _Protocol(asyncio.Protocol):
                 if head is None:
                     return pos
                 topic, qos, packet_id, _start = head
+                if qos and not first & _DUP:
+                    self._sequence(packet_id)
                 ready.append(IntakeMessage(topic, b"", qos, packet_id, oversized=length))
                 if stop > end:
                     self._skip = stop - end
@@ -360,6 +366,8 @@ class _Protocol(asyncio.Protocol):
                 if head is None:
                     raise MqttIntakeError("malformed PUBLISH: topic or packet id past its end")
                 topic, qos, packet_id, start = head
+                if qos and not first & _DUP:
+                    self._sequence(packet_id)
                 if self.version == MQTT_5:
                     # Properties (message expiry, content type, ...): nothing the intake uses.
                     start = _skip_properties(buf, start, stop)
@@ -368,6 +376,22 @@ class _Protocol(asyncio.Protocol):
                 self._control(kind, bytes(buf[i:stop]))
             pos = stop
         return pos
+
+    def _sequence(self, packet_id: int) -> None:
+        """Count the packet ids skipped before this first delivery of a QoS 1 message.
+
+        mosquitto numbers a session's QoS 1 messages in sequence (1..65535, then 1 again) when
+        it takes them for the session, and one it then drops is never sent: an id the sequence
+        skips is an uplink the broker dropped for us (its queue for the session was full, or,
+        with 2.0's cap on unsent packets per client, its packet was discarded). Resends after a
+        reconnect carry DUP and their old ids, so they are left out; each connection starts
+        the count afresh. A broker that numbers otherwise makes this count meaningless, never
+        the delivery wrong.
+        """
+        expected = self._next_id
+        if packet_id != expected and expected:
+            self.skipped += (packet_id - expected) % 0xFFFF
+        self._next_id = packet_id % 0xFFFF + 1
 
     @staticmethod
     def _publish_head(
@@ -638,13 +662,21 @@ class MqttIntake:
         timeout_s: float = 10.0,
         version: int = MQTT_5,
         session_expiry_s: int = 0xFFFFFFFF,
+        receive_maximum: int | None = None,
     ) -> MqttIntake:
         """Connect and wait for CONNACK; raises MqttRefusedError or MqttIntakeError.
 
-        With MQTT 5 the client announces ``max_unacked`` as its Receive Maximum, so the broker
-        keeps that many messages in flight to it instead of its own ``max_inflight_messages``
-        (mosquitto's default, 20, made the commit round trip the ceiling: 20 uplinks per
-        fsync). A PUBLISH over ``max_packet_bytes`` arrives ``oversized`` (module docstring).
+        With MQTT 5 the client announces ``receive_maximum`` (default: ``max_unacked``) as its
+        Receive Maximum, so the broker keeps that many messages in flight to it instead of its
+        own ``max_inflight_messages`` (mosquitto's default, 20, made the commit round trip the
+        ceiling: 20 uplinks per fsync). A Receive Maximum above ``max_unacked`` costs this
+        process no memory in normal operation (reading still pauses at ``max_unacked``; the
+        rest wait in TCP's buffers and at the broker) and lets the broker hold that many in
+        flight before it starts queueing, and beyond its queue (``max_queued_messages``, 1000
+        by default) dropping. While a request waits for its answer reading does not pause (see
+        ``pause_if_full``), so a resumed session's resent messages, up to the Receive Maximum,
+        are then all read. A PUBLISH over ``max_packet_bytes`` arrives ``oversized`` (module
+        docstring).
         When the oldest unacknowledged message has waited ``ack_stall_s`` (0: never) the session
         ends with an :class:`MqttIntakeError`: PUBACKs leave in receive order, so one message
         the consumer never settles would hold every later one, the window would fill and
@@ -674,7 +706,9 @@ class MqttIntake:
                     username=username,
                     password=password,
                     version=version,
-                    receive_maximum=min(max_unacked, 0xFFFF) if version == MQTT_5 else 0,
+                    receive_maximum=(
+                        min(receive_maximum or max_unacked, 0xFFFF) if version == MQTT_5 else 0
+                    ),
                     session_expiry_s=0 if clean_session or version != MQTT_5 else session_expiry_s,
                 )
             )
@@ -760,6 +794,12 @@ class MqttIntake:
     @property
     def unacked(self) -> int:
         return self._protocol.unacked
+
+    @property
+    def skipped(self) -> int:
+        """Uplinks the broker numbered for this session but dropped instead of sending them on
+        this connection, as far as its packet ids tell (see ``_Protocol._sequence``)."""
+        return self._protocol.skipped
 
     async def _keepalive(self) -> None:
         """PINGREQ every half keepalive, and the two watchdogs: broker silence, stalled acks."""

@@ -216,6 +216,7 @@ def build_source(
             reconnect_max_s=cfg.reconnect_max_s,
             max_unacked=cfg.max_unacked,
             mqtt_version=MQTT_5 if cfg.mqtt_version == "5" else MQTT_311,
+            receive_maximum=cfg.receive_maximum,
         )
         source = ChirpStackSource(
             cfg.name,
@@ -346,11 +347,14 @@ def sender_window(cfg: GatewayConfig) -> int:
     """The smallest in-flight window of the brokers whose messages wait for an outbox commit.
 
     The ChirpStack source acknowledges an uplink only once its event is committed; the broker
-    sends it at most this many unacknowledged: its Receive Maximum (``max_unacked``) with MQTT 5,
-    the broker's own ``max_inflight_messages`` with 3.1.1 (mosquitto's default assumed).
+    hands it at most this many unacknowledged: with MQTT 5 the smaller of the source's own
+    window (``max_unacked``, where it stops reading) and its Receive Maximum, with 3.1.1 the
+    broker's own ``max_inflight_messages`` (mosquitto's default assumed).
     """
     windows = [
-        source.max_unacked if source.mqtt_version == "5" else DEFAULT_SENDER_WINDOW
+        min(source.max_unacked, source.receive_maximum)
+        if source.mqtt_version == "5"
+        else DEFAULT_SENDER_WINDOW
         for source in cfg.sources
         if isinstance(source, ChirpStackSourceConfig) and source.replay_file is None
     ]

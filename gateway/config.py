@@ -341,8 +341,8 @@ class ChirpStackSourceConfig(_Section):
     reconnect_max_s: float = Field(30.0, gt=0)
     mqtt_version: Literal["5", "3.1.1"] = Field(
         "5",
-        description="5 lets the broker keep max_unacked uplinks in flight to the gateway "
-        "(Receive Maximum); with 3.1.1 the broker's max_inflight_messages (mosquitto: 20) rules.",
+        description="5 lets the broker keep receive_maximum uplinks in flight to the gateway; "
+        "with 3.1.1 the broker's max_inflight_messages (mosquitto: 20) rules.",
     )
     max_unacked: int = Field(
         1000,
@@ -350,6 +350,18 @@ class ChirpStackSourceConfig(_Section):
         le=65535,
         description="Uplinks received but not yet committed to the outbox; beyond this the "
         "gateway stops reading and the broker holds the rest for the session.",
+    )
+    receive_maximum: int = Field(
+        3000,
+        ge=1,
+        le=65535,
+        description="MQTT 5 only: uplinks the broker may have in flight to the gateway, "
+        "unacknowledged; with its queue for the session (mosquitto: max_queued_messages, 1000) "
+        "this is how far the gateway may fall behind before the broker drops uplinks. Those "
+        "beyond max_unacked wait in TCP's buffers, and mosquitto 2.0 discards packets it "
+        "cannot write beyond 1000 per client (they come back only on a reconnect), so keep "
+        "(receive_maximum - max_unacked - 1000) x message size within the kernel's TCP send "
+        "buffer (about 4 MB).",
     )
 
     @model_validator(mode="after")

@@ -70,6 +70,8 @@ def test_the_senders_window_comes_from_the_chirpstack_sources(tmp_path: Path) ->
     assert window(v5) == 600
     assert window(v5, v311) == DEFAULT_SENDER_WINDOW
     assert window({"type": "chirpstack"}) == 1000
+    # A Receive Maximum below the source's own window is what the broker holds to.
+    assert window({"type": "chirpstack", "name": "c", "receive_maximum": 400}) == 400
     assert window() == DEFAULT_SENDER_WINDOW
 
 

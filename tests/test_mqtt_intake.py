@@ -892,6 +892,13 @@ async def test_an_mqtt5_connect_announces_the_window_and_a_kept_session() -> Non
     assert b"MQTT\x05\x00\x00\x3c\x08\x11\xff\xff\xff\xff\x21\x01\x2c" in fake.received
 
 
+async def test_a_receive_maximum_of_its_own_goes_out_instead_of_the_window() -> None:
+    async with fake_broker(CONNACK_5_OK) as fake:
+        intake = await open_intake(fake.port, max_unacked=300, receive_maximum=5000, version=MQTT_5)
+        await intake.close()
+    assert b"\x11\xff\xff\xff\xff\x21\x13\x88" in fake.received  # 5000 = 0x1388
+
+
 @broker
 async def test_pingreqs_keep_a_quiet_session_alive_past_the_keepalive(
     mosquitto: Mosquitto, version: int
@@ -985,6 +992,55 @@ async def drain(protocol: _Protocol) -> tuple[list[IntakeMessage], MqttIntakeErr
 def split(data: bytes, cuts: Iterable[int]) -> list[bytes]:
     points = sorted({0, len(data), *(min(c, len(data)) for c in cuts)})
     return [data[a:b] for a, b in itertools.pairwise(points)]
+
+
+async def test_packet_ids_the_sequence_skips_are_counted_resends_and_qos0_are_not() -> None:
+    protocol, _transport = attached(max_unacked=1000)
+
+    def feed(*packets: bytes) -> None:
+        protocol.data_received(b"".join(packets))
+
+    feed(*(publish_packet("t", b"p", 1, pid) for pid in (7, 8, 11, 12)))  # 9 and 10 skipped
+    assert protocol.skipped == 2
+    # Resends after a reconnect (DUP) keep their old ids; QoS 0 has none.
+    feed(publish_packet("t", b"p", 1, 3, dup=True), publish_packet("t", b"p", 0))
+    feed(publish_packet("t", b"p", 1, 13))
+    assert protocol.skipped == 2
+    # Ids run 1..65535 and then start at 1 again (0 is not an id).
+    feed(*(publish_packet("t", b"p", 1, pid) for pid in (0xFFFE, 0xFFFF, 1, 2)))
+    assert protocol.skipped == 2 + (0xFFFE - 14)
+    feed(publish_packet("t", b"p", 1, 0xFFFF), publish_packet("t", b"p", 1, 2))  # 1 skipped
+    assert protocol.skipped == 2 + (0xFFFE - 14) + (0xFFFF - 3) + 1
+    # A connection starts its own count: the first id after connecting is not a skip.
+    fresh, _ = attached(max_unacked=1000)
+    fresh.data_received(publish_packet("t", b"p", 1, 500))
+    assert fresh.skipped == 0
+
+
+@broker
+async def test_uplinks_a_full_broker_queue_dropped_show_as_skipped_ids(
+    tmp_path: Path, version: int
+) -> None:
+    """mosquitto numbers every message it takes for the session, also one it then drops."""
+    require_mosquitto()
+    limits = ["max_inflight_messages 10", "max_queued_messages 50"]
+    with Mosquitto(tmp_path / "b", extra_config=limits) as small:
+        intake = await connected(
+            small.port, "drops", max_unacked=10, receive_maximum=10, version=version
+        )
+        try:
+            async with publisher(small.port) as pub:
+                # All taken by the broker (PUBACKed) while the intake acknowledges none: 10 in
+                # flight, 50 queued, 40 dropped.
+                await asyncio.gather(*(pub.publish("t/d", b"%d" % i, qos=1) for i in range(100)))
+                got = await collect(intake, 60)
+                assert intake.skipped == 0  # nothing after the dropped ones yet
+                await pub.publish("t/d", b"last", qos=1)
+                got += await collect_until(intake, b"last")
+            assert [m.payload for m in got] == [b"%d" % i for i in range(60)] + [b"last"]
+            assert intake.skipped == 40
+        finally:
+            await intake.close()
 
 
 async def test_acks_of_one_loop_iteration_go_out_in_one_write() -> None:

@@ -369,6 +369,36 @@ async def _uplinks_across_restarts(tmp_path: Path) -> None:
     assert all(len(ids) == 1 for ids in by_fcnt.values())
 
 
+async def test_uplinks_the_broker_dropped_while_the_gateway_was_away_are_counted(
+    tmp_path: Path,
+) -> None:
+    """Counted from the packet ids mosquitto skipped, besides the devices' fCnt gaps: the
+    operator learns the broker's queue was too short, not just that frames went missing."""
+    require_mosquitto()
+    with Mosquitto(tmp_path / "broker", extra_config=["max_queued_messages 20"]) as broker:
+        cfg = gateway_config(tmp_path / "state", broker.port)
+        async with Recorder(broker.host, broker.port, topics=[f"{BASE}/event/#"]) as rec:
+            tally = Tally(rec.messages)
+            async with running(cfg) as gateway:
+                await wait_subscribed(gateway)
+            # Away: the session queues 20 and the broker drops the other 30.
+            async with aiomqtt.Client(broker.host, broker.port) as cs:
+                for f_cnt in range(1, 51):
+                    await cs.publish(topic(GAUGE), as_json(uplink(GAUGE, f_cnt, 1000)), qos=1)
+            async with running(cfg) as gateway:
+                await wait_subscribed(gateway)
+                async with aiomqtt.Client(broker.host, broker.port) as cs:
+                    await cs.publish(topic(GAUGE), as_json(uplink(GAUGE, 51, 1000)), qos=1)
+                await rec.wait_for(
+                    lambda _m: any(values(e)["f_cnt"] == 51 for e in of_kind(tally, "reading"))
+                )
+                counters = gateway.source("chirpstack").counters  # type: ignore[attr-defined]
+                assert counters["broker_dropped"] == 30
+    assert [values(e)["f_cnt"] for e in of_kind(tally, "reading")] == [*range(1, 21), 51]
+    (gap,) = of_kind(tally, "uplink_gap")
+    assert values(gap) == {"missed_frames": 30, "f_cnt": 51}
+
+
 async def test_downlinks_are_validated_queued_capped_and_acknowledged(
     mosquitto: Mosquitto, tmp_path: Path
 ) -> None:
