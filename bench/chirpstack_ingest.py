@@ -1416,9 +1416,11 @@ def report(runs: list[Run], args: argparse.Namespace) -> bool:
                 if r.broker_drops
                 else "mosquitto logged no drops for the consumer"
             )
+            dropped = r.child.get("source", {}).get("broker_dropped", 0)
             gaps = (
                 f"; the gateway reported {r.gap_events} uplink_gap events, "
-                f"{r.missed_frames:,} frames missing"
+                f"{r.missed_frames:,} frames missing, and counted {dropped:,} uplinks the broker "
+                "dropped (packet ids it skipped)"
                 if r.consumer == "gateway"
                 else ""
             )
