@@ -43,6 +43,7 @@ from drivers.mqtt_intake import (
     IntakeMessage,
     MqttIntake,
     MqttIntakeError,
+    MqttNoAnswerError,
     MqttRefusedError,
 )
 from gateway.errors import CodecError, EventValidationError, TerminalUplinkError
@@ -273,12 +274,15 @@ class ChirpStackSource:
             raise _SessionLostError(str(exc)) from exc
         try:
             # Re-subscribing on every connect: harmless with a kept session, needed without.
-            await client.subscribe(broker.topic, qos=1)
+            if not client.session_present:
+                await client.subscribe(broker.topic, qos=1)
             self._client = client
             self.connected.set()
             log.info("chirpstack_connected", source=self.name, host=broker.host, port=broker.port)
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._watch_silence(emit), name=f"{self.name}-silence")
+                if client.session_present:
+                    tg.create_task(self._resubscribe(client), name=f"{self.name}-resubscribe")
                 await self._consume(client, emit, report_error)
         except MqttIntakeError as exc:
             log.warning("chirpstack_disconnected", source=self.name, error=str(exc))
@@ -294,6 +298,20 @@ class ChirpStackSource:
             self.connected.clear()
             self._client = None
             await client.close()
+
+    async def _resubscribe(self, client: MqttIntake) -> None:
+        """Subscribes again while the kept session's messages are consumed.
+
+        They come before the SUBACK, up to receive_maximum of them: waiting for it first would
+        mean reading them all into memory. Consumed meanwhile, they stay within max_unacked.
+        mosquitto 2.0 discards any packet beyond 1000 it has not yet written to a client, a
+        SUBACK too; the kept session has the subscription anyway, so an answer that never
+        comes is logged, not fatal. A refusal ends the session as on a first connect.
+        """
+        try:
+            await client.subscribe(self._broker.topic, qos=1, timeout_s=60.0, hold_reading=False)
+        except MqttNoAnswerError as exc:
+            log.warning("chirpstack_resubscribe_unanswered", source=self.name, error=str(exc))
 
     async def _consume(self, client: MqttIntake, emit: Emit, report_error: ReportError) -> None:
         """Hands every message of the session to _process, until the session ends (raises)."""

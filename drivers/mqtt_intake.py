@@ -95,6 +95,10 @@ class MqttIntakeError(Exception):
     """The connection failed, dropped or broke the protocol; a reconnect may help."""
 
 
+class MqttNoAnswerError(MqttIntakeError):
+    """A request's acknowledgement (SUBACK, PUBACK) did not come in time."""
+
+
 class MqttRefusedError(MqttIntakeError):
     """The broker answered CONNECT with a refusal (``rc``: the CONNACK return code)."""
 
@@ -230,7 +234,10 @@ class _Protocol(asyncio.Protocol):
         self.closed: asyncio.Future[None] = self._loop.create_future()
         # Packet ids the broker numbered but never sent on this connection (see _sequence).
         self.skipped = 0
-        self._next_id = 0
+        self._expect_id = 0
+        # Requests whose caller waits for the answer before it consumes again: reading must
+        # not pause in front of that answer (see pause_if_full).
+        self.read_for: set[int] = set()
 
     # -- asyncio.Protocol ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -301,7 +308,7 @@ class _Protocol(asyncio.Protocol):
             or self.unacked_bytes >= self._max_unacked_bytes
             or len(self._ready) >= self._max_unacked
         )
-        if full and not self._paused and not self.pending and self._transport:
+        if full and not self._paused and not self.read_for and self._transport:
             self._paused = True
             self._transport.pause_reading()
 
@@ -388,10 +395,10 @@ class _Protocol(asyncio.Protocol):
         the count afresh. A broker that numbers otherwise makes this count meaningless, never
         the delivery wrong.
         """
-        expected = self._next_id
+        expected = self._expect_id
         if packet_id != expected and expected:
             self.skipped += (packet_id - expected) % 0xFFFF
-        self._next_id = packet_id % 0xFFFF + 1
+        self._expect_id = packet_id % 0xFFFF + 1
 
     @staticmethod
     def _publish_head(
@@ -541,6 +548,7 @@ class _Protocol(asyncio.Protocol):
                 # Retrieved here so an unawaited request future does not log at collection.
                 future.exception()
         self.pending.clear()
+        self.read_for.clear()
 
     def _quick_ack(self) -> None:
         # See drivers/chirpstack.py: the PUBACK waits for the outbox commit, so the TCP ACK has
@@ -673,10 +681,9 @@ class MqttIntake:
         process no memory in normal operation (reading still pauses at ``max_unacked``; the
         rest wait in TCP's buffers and at the broker) and lets the broker hold that many in
         flight before it starts queueing, and beyond its queue (``max_queued_messages``, 1000
-        by default) dropping. While a request waits for its answer reading does not pause (see
-        ``pause_if_full``), so a resumed session's resent messages, up to the Receive Maximum,
-        are then all read. A PUBLISH over ``max_packet_bytes`` arrives ``oversized`` (module
-        docstring).
+        by default) dropping. While a request waits for its answer reading does not pause
+        unless told otherwise (see :meth:`subscribe`). A PUBLISH over ``max_packet_bytes``
+        arrives ``oversized`` (module docstring).
         When the oldest unacknowledged message has waited ``ack_stall_s`` (0: never) the session
         ends with an :class:`MqttIntakeError`: PUBACKs leave in receive order, so one message
         the consumer never settles would hold every later one, the window would fill and
@@ -735,29 +742,44 @@ class MqttIntake:
                 return self._next_id
         raise MqttIntakeError("no free packet identifier")
 
-    async def _request(self, packet: Callable[[int], bytes], timeout_s: float) -> bytes:
+    async def _request(
+        self, packet: Callable[[int], bytes], timeout_s: float, *, hold_reading: bool = True
+    ) -> bytes:
         packet_id = self._packet_id()
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         protocol = self._protocol
         protocol.pending[packet_id] = future
-        protocol.keep_reading()
+        if hold_reading:
+            protocol.read_for.add(packet_id)
+            protocol.keep_reading()
         try:
             protocol.send(packet(packet_id))
             async with asyncio.timeout(timeout_s):
                 return await future
         except TimeoutError as exc:
-            raise MqttIntakeError(f"no acknowledgement within {timeout_s} s") from exc
+            raise MqttNoAnswerError(f"no acknowledgement within {timeout_s} s") from exc
         finally:
             protocol.pending.pop(packet_id, None)
+            protocol.read_for.discard(packet_id)
             protocol.pause_if_full()
 
-    async def subscribe(self, topic: str, qos: int = 1, timeout_s: float = 10.0) -> int:
-        """Subscribe; returns the granted QoS (raises MqttIntakeError on refusal)."""
+    async def subscribe(
+        self, topic: str, qos: int = 1, timeout_s: float = 10.0, *, hold_reading: bool = True
+    ) -> int:
+        """Subscribe; returns the granted QoS (raises MqttIntakeError on refusal).
+
+        A kept session's messages come before the SUBACK, so by default reading goes on past
+        the window until it arrives: a caller that waits for it before consuming would
+        otherwise never see it. ``hold_reading=False`` is for a caller that consumes meanwhile:
+        the window then holds as always, and the SUBACK waits its turn behind the messages.
+        """
         body = _utf8(topic) + bytes([qos])
         if self._protocol.version == MQTT_5:
             body = b"\x00" + body  # no properties; the options byte carries the QoS as in 3.1.1
         granted = await self._request(
-            lambda pid: _packet(_SUBSCRIBE, struct.pack("!H", pid) + body), timeout_s
+            lambda pid: _packet(_SUBSCRIBE, struct.pack("!H", pid) + body),
+            timeout_s,
+            hold_reading=hold_reading,
         )
         if len(granted) != 1 or granted[0] > 2:
             raise MqttIntakeError(f"subscription to {topic} refused")

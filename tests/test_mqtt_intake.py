@@ -1191,14 +1191,57 @@ async def test_reading_goes_on_while_a_request_waits_for_its_answer() -> None:
     protocol, transport = attached(max_unacked=2)
     answer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
     protocol.pending[1] = answer
+    protocol.read_for.add(1)  # what MqttIntake._request does for a caller that waits
     protocol.data_received(b"".join(publish_packet("t", b"", 1, pid) for pid in range(1, 4)))
     # Over the window, but the SUBACK still to come is behind these messages: keep reading.
     assert transport.reading
     protocol.data_received(b"\x90\x03\x00\x01\x01")
     assert answer.result() == b"\x01"
     assert not protocol.pending  # answered: what MqttIntake then re-checks
+    protocol.read_for.discard(1)
     protocol.pause_if_full()
     assert not transport.reading
+
+
+@broker
+async def test_a_subscribe_that_does_not_hold_reading_keeps_the_window(
+    mosquitto: Mosquitto, version: int
+) -> None:
+    """A kept session's backlog comes before the SUBACK; consumed meanwhile, it never takes
+    more than the window (plus what one read brings) even though the answer is pending."""
+    window, count = 20, 300
+    intake = await connected(mosquitto.port, "held", version=version)
+    await intake.close()
+    async with publisher(mosquitto.port) as pub:
+        for i in range(count):
+            await pub.publish("t/held", b"%05d" % i + b"." * 2000, qos=1)
+    packet = len(publish_packet("t/held", b"x" * 2005, 1, 1))
+    bound = window - 1 + READ_BYTES // packet + 1
+    assert bound < count
+    intake = await open_intake(
+        mosquitto.port, "held", version=version, max_unacked=window, receive_maximum=count
+    )
+    transport = intake._protocol._transport
+    assert transport is not None
+    try:
+        assert intake.session_present
+        subscribing = asyncio.create_task(
+            intake.subscribe("t/#", timeout_s=GUARD_S, hold_reading=False)
+        )
+        # Nothing acknowledged yet, the SUBACK pending: reading stops at the window all the same.
+        held: list[IntakeMessage] = []
+        async with asyncio.timeout(GUARD_S):
+            while not held or transport.is_reading():
+                held += await intake.batch()
+        assert window <= len(held) <= bound, (len(held), bound)
+        got = list(held)
+        for message in held:
+            intake.acker(message)()
+        got += await collect(intake, count - len(got))
+        assert await subscribing == 1
+        assert [int(m.payload[:5]) for m in got] == list(range(count))
+    finally:
+        await intake.close()
 
 
 @broker
