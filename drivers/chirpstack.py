@@ -66,6 +66,12 @@ _SILENT_CHECK_S = 5.0
 # of unacknowledged uplinks was spent on that; at 8, live 12,000/s went from 7,000-9,000 to
 # ~10,000-11,000 delivered/s (bench/chirpstack_ingest.py), drain unchanged.
 _YIELD_EVERY = 8
+# Resumes in a row that each brought some uplinks back but not all (see _idle): beyond this
+# the rest are counted as dropped rather than resumed for without end.
+_MAX_RESUMES = 20
+# A connection on which the source fell behind is resumed once it has caught up, but no sooner
+# than this after the last resume (see _consume).
+_RESUME_EVERY_S = 2.0
 _LOG_SEVERITY = {"INFO": Severity.INFO, "WARNING": Severity.WARNING, "ERROR": Severity.ALARM}
 
 
@@ -125,7 +131,7 @@ class BrokerSettings:
     # (see ChirpStackSourceConfig.receive_maximum); 4 = 3.1.1 for brokers without 5, where the
     # broker's max_inflight_messages (20 by default) rules.
     mqtt_version: int = MQTT_5
-    receive_maximum: int = 3000
+    receive_maximum: int = 20000
 
 
 # LoRaWAN's largest application payload (DR with 242-byte MACPayload limit, minus nothing for
@@ -200,7 +206,13 @@ class ChirpStackSource:
         # Uplink frames handed to the pipeline and not committed yet, with the acknowledgements
         # of copies that arrived meanwhile (see _process).
         self._uncommitted: dict[tuple[str, int], list[Callable[[], None]]] = {}
-        self._dropped_told_until = 0.0
+        self._skipped_told_until = 0.0
+        # Uplinks whose packet ids the broker skipped: not resumed for yet, and what the last
+        # resume is for (see _idle).
+        self._owed = 0
+        self._trying = 0
+        self._resumes_in_a_row = 0
+        self._resumed_at = 0.0
 
     @property
     def tracker(self) -> LinkTracker:
@@ -244,10 +256,10 @@ class ChirpStackSource:
             with attempt:
                 await self._session(emit, report_error)
 
-    async def _session(self, emit: Emit, report_error: ReportError) -> None:
+    async def _connect(self) -> MqttIntake:
         broker = self._broker
         try:
-            client = await MqttIntake.connect(
+            return await MqttIntake.connect(
                 broker.host,
                 broker.port,
                 broker.client_id,
@@ -272,18 +284,31 @@ class ChirpStackSource:
         except MqttIntakeError as exc:
             log.warning("chirpstack_disconnected", source=self.name, error=str(exc))
             raise _SessionLostError(str(exc)) from exc
+
+    async def _session(self, emit: Emit, report_error: ReportError) -> None:
+        broker = self._broker
+        client = await self._connect()
         try:
-            # Re-subscribing on every connect: harmless with a kept session, needed without.
-            if not client.session_present:
-                await client.subscribe(broker.topic, qos=1)
-            self._client = client
-            self.connected.set()
             log.info("chirpstack_connected", source=self.name, host=broker.host, port=broker.port)
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._watch_silence(emit), name=f"{self.name}-silence")
-                if client.session_present:
-                    tg.create_task(self._resubscribe(client), name=f"{self.name}-resubscribe")
-                await self._consume(client, emit, report_error)
+            while True:
+                # Re-subscribing on every connect: harmless with a kept session (done while
+                # consuming, see _resubscribe), needed without.
+                if not client.session_present:
+                    await client.subscribe(broker.topic, qos=1)
+                self._client = client
+                self.connected.set()
+                await self._serve(client, emit, report_error)
+                await client.drained()
+                # Resumed on a new connection before this one is closed: the broker hands the
+                # session over and hangs up on the old connection in one step, so no uplink
+                # finds the session away (and queued, or dropped) in between.
+                resumed = await self._connect()
+                self._resumed_at = asyncio.get_running_loop().time()
+                old, client = client, resumed
+                self._count_resent(old)
+                await old.close()
+                self._count("session_resumes")
+                log.info("chirpstack_session_resumed", source=self.name, owed=self._trying)
         except MqttIntakeError as exc:
             log.warning("chirpstack_disconnected", source=self.name, error=str(exc))
             raise _SessionLostError(str(exc)) from exc
@@ -297,7 +322,28 @@ class ChirpStackSource:
         finally:
             self.connected.clear()
             self._client = None
+            self._count_resent(client)
             await client.close()
+
+    def _count_resent(self, client: MqttIntake) -> None:
+        if client.resent:
+            self.counters["broker_resent"] = self.counters.get("broker_resent", 0) + client.resent
+
+    async def _serve(self, client: MqttIntake, emit: Emit, report_error: ReportError) -> None:
+        """One connection's work; returns when the session should be resumed on a new one."""
+        async with asyncio.TaskGroup() as tg:
+            silence = tg.create_task(self._watch_silence(emit), name=f"{self.name}-silence")
+            resubscribed = None
+            if client.session_present:
+                resubscribed = tg.create_task(
+                    self._resubscribe(client), name=f"{self.name}-resubscribe"
+                )
+            try:
+                await self._consume(client, emit, report_error, resubscribed)
+            finally:
+                silence.cancel()
+                if resubscribed is not None:
+                    resubscribed.cancel()
 
     async def _resubscribe(self, client: MqttIntake) -> None:
         """Subscribes again while the kept session's messages are consumed.
@@ -313,12 +359,44 @@ class ChirpStackSource:
         except MqttNoAnswerError as exc:
             log.warning("chirpstack_resubscribe_unanswered", source=self.name, error=str(exc))
 
-    async def _consume(self, client: MqttIntake, emit: Emit, report_error: ReportError) -> None:
-        """Hands every message of the session to _process, until the session ends (raises)."""
+    async def _consume(
+        self,
+        client: MqttIntake,
+        emit: Emit,
+        report_error: ReportError,
+        resubscribed: asyncio.Task[None] | None,
+    ) -> None:
+        """Hands every message of the connection to _process; raises when the connection is
+        lost, returns when the session should be resumed on a new one (see _idle)."""
         qos0_told = False
         skipped = 0
+        behind = False
+        # Uplinks owed from an earlier connection: what this one gets resent is counted once
+        # the resend is complete (the SUBACK comes after it) and everything is acknowledged.
+        verifying = self._trying > 0
+        if verifying:
+            if resubscribed is None:
+                client.wake_when_idle()
+            else:
+                resubscribed.add_done_callback(lambda _task: client.wake_when_idle())
+        loop = asyncio.get_running_loop()
         while True:
-            for n, message in enumerate(await client.batch(), start=1):
+            batch = await client.batch()
+            if not batch:
+                if verifying and resubscribed is not None and not resubscribed.done():
+                    continue  # the done callback asks again
+                if self._idle(client, verifying):
+                    return
+                verifying = False
+                if client.fell_behind:
+                    # The broker may hold packets it could not write (see _idle), and only a
+                    # later uplink's id would show it: resume anyway, at most every few seconds.
+                    wait_s = self._resumed_at + _RESUME_EVERY_S - loop.time()
+                    if wait_s <= 0:
+                        return
+                    loop.call_later(wait_s, client.wake_when_idle)
+                continue
+            for n, message in enumerate(batch, start=1):
                 if not message.qos:
                     self._count("qos0_messages")
                     if not qos0_told:
@@ -348,23 +426,68 @@ class ChirpStackSource:
                     # would all wait for the whole batch (tens of ms).
                     await asyncio.sleep(0)
             if client.skipped != skipped:
-                self._broker_dropped(client.skipped - skipped)
+                self._broker_skipped(client.skipped - skipped)
                 skipped = client.skipped
+                client.wake_when_idle()
+            elif client.fell_behind and not behind:
+                behind = True
+                client.wake_when_idle()
 
-    def _broker_dropped(self, n: int) -> None:
-        """Counts uplinks the broker dropped for us; says so at most once a minute."""
-        total = self.counters["broker_dropped"] = self.counters.get("broker_dropped", 0) + n
+    def _broker_skipped(self, n: int) -> None:
+        """Counts packet ids the broker skipped; says so at most once a minute."""
+        self._owed += n
+        total = self.counters["broker_skipped"] = self.counters.get("broker_skipped", 0) + n
         now = time.monotonic()
-        if now >= self._dropped_told_until:
-            self._dropped_told_until = now + 60.0
+        if now >= self._skipped_told_until:
+            self._skipped_told_until = now + 60.0
             log.warning(
-                "chirpstack_broker_dropped",
+                "chirpstack_broker_skipped",
                 source=self.name,
                 uplinks=total,
-                detail="the broker skipped these uplinks' packet ids: it dropped them for this "
-                "session, its queue for the gateway being full (mosquitto: max_queued_messages, "
-                "1000 by default) while the gateway fell behind or was away",
+                detail="the broker skipped these uplinks' packet ids: it dropped them (its "
+                "queue for the gateway was full: mosquitto's max_queued_messages, 1000 by "
+                "default) or holds them unsent (mosquitto 2.0 discards packets it cannot write "
+                "yet beyond 1000); once caught up the gateway resumes the session to get back "
+                "those it holds",
             )
+
+    def _idle(self, client: MqttIntake, verifying: bool) -> bool:
+        """Everything delivered is acknowledged: whether to resume the session now.
+
+        A resumed session makes the broker send again what it holds in flight for us
+        (MQTT-4.4.0-1), so uplinks whose packets mosquitto discarded come back, marked DUP.
+        After a resume they are counted against what it was for: none back means those were
+        dropped, not held; some back, and the rest may still be held (the resend itself can
+        overflow the same way), so another resume follows.
+        """
+        if verifying:
+            recovered = client.resent
+            if recovered == 0 or self._resumes_in_a_row >= _MAX_RESUMES:
+                self._give_up()
+            else:
+                self._owed += max(0, self._trying - recovered)
+                self._trying = 0
+                log.info("chirpstack_uplinks_resent", source=self.name, n=recovered)
+        if not self._owed:
+            self._resumes_in_a_row = 0
+            return False
+        self._trying, self._owed = self._owed, 0
+        self._resumes_in_a_row += 1
+        return True
+
+    def _give_up(self) -> None:
+        """What the last resume was for and did not bring back was dropped by the broker."""
+        lost, self._trying, self._resumes_in_a_row = self._trying, 0, 0
+        if not lost:
+            return
+        total = self.counters["broker_dropped"] = self.counters.get("broker_dropped", 0) + lost
+        log.warning(
+            "chirpstack_broker_dropped",
+            source=self.name,
+            uplinks=lost,
+            total=total,
+            detail="a resumed session did not bring them back: the broker dropped them",
+        )
 
     def knows(self, dev_eui: str) -> bool:
         """Whether this source has heard the device (and so can send it a downlink)."""

@@ -47,6 +47,8 @@ _FCNT_MODULO = 1 << 32
 _FCNT_WRAP_SLACK = 1 << 16
 # Frames remembered per device for de-duplication (see LinkTracker.is_duplicate).
 _RECENT_FRAMES = 16
+# Gaps remembered per device, so that a frame from one that arrives late is known as such.
+_RECENT_GAPS = 8
 
 Codec = Callable[[int, bytes], dict[str, Any]]
 
@@ -681,6 +683,11 @@ class DeviceLink:
     )
     # Their fCnts alone (same length, same order): most frames are new, and `in` tells so.
     recent_fcnts: deque[int] = field(default_factory=lambda: deque(maxlen=_RECENT_FRAMES))
+    # The latest gaps as (first missing fCnt, how many): a frame from one of them that comes
+    # after all (a broker that held it unsent until the session was resumed) is late, not a
+    # counter reset.
+    gaps: deque[tuple[int, int]] = field(default_factory=lambda: deque(maxlen=_RECENT_GAPS))
+    late: int = 0
 
 
 class LinkTracker:
@@ -729,6 +736,8 @@ class LinkTracker:
     ) -> list[Finding]:
         """Record an uplink (already de-duplicated); returns gap/reset/back findings."""
         link = self.device(dev_eui)
+        if link.gaps and link.last_fcnt is not None and self._late(link, fcnt):
+            return []
         findings: list[Finding] = []
         if link.silent:
             link.silent = False
@@ -740,6 +749,7 @@ class LinkTracker:
                 pass
             elif ahead < _FCNT_MODULO - _FCNT_WRAP_SLACK:
                 link.missed += ahead
+                link.gaps.append((expected, ahead))
                 findings.append(
                     Finding(
                         "uplink_gap",
@@ -748,6 +758,7 @@ class LinkTracker:
                     )
                 )
             else:
+                link.gaps.clear()  # a new count: frames of the old one's gaps are not late
                 findings.append(
                     Finding(
                         "fcnt_reset",
@@ -771,9 +782,23 @@ class LinkTracker:
             link.snr = snr
         return findings
 
+    @staticmethod
+    def _late(link: DeviceLink, fcnt: int) -> bool:
+        """Whether ``fcnt`` is a frame of a recent gap, arriving late: it is then no longer
+        missed, and neither moves the counter back nor says anything about the link now."""
+        for first, count in link.gaps:
+            if (fcnt - first) % _FCNT_MODULO < count:
+                link.missed -= 1
+                link.late += 1
+                link.uplinks += 1
+                return True
+        return False
+
     def joined(self, dev_eui: str) -> None:
         """A (re-)join restarts the frame counter: the next uplink is not a gap."""
-        self.device(dev_eui).last_fcnt = None
+        link = self.device(dev_eui)
+        link.last_fcnt = None
+        link.gaps.clear()
 
     def status(self, dev_eui: str, battery_level: float | None, margin: int) -> None:
         link = self.device(dev_eui)

@@ -235,6 +235,15 @@ class _Protocol(asyncio.Protocol):
         # Packet ids the broker numbered but never sent on this connection (see _sequence).
         self.skipped = 0
         self._expect_id = 0
+        # QoS 1 messages that came marked DUP: sent again on this connection after a resume.
+        self.resent = 0
+        # batch() hands back an empty list once nothing is unacknowledged (see wake_when_idle).
+        self.wake_when_idle = False
+        # Whether reading ever paused on this connection: the broker then had more for us than
+        # the window, and what TCP could not take waited at the broker.
+        self.fell_behind = False
+        # Waiting for PINGRESPs, oldest first (see MqttIntake.drained).
+        self.pongs: list[asyncio.Future[bytes]] = []
         # Requests whose caller waits for the answer before it consumes again: reading must
         # not pause in front of that answer (see pause_if_full).
         self.read_for: set[int] = set()
@@ -309,6 +318,7 @@ class _Protocol(asyncio.Protocol):
             or len(self._ready) >= self._max_unacked
         )
         if full and not self._paused and not self.read_for and self._transport:
+            self.fell_behind = True
             self._paused = True
             self._transport.pause_reading()
 
@@ -358,8 +368,8 @@ class _Protocol(asyncio.Protocol):
                 if head is None:
                     return pos
                 topic, qos, packet_id, _start = head
-                if qos and not first & _DUP:
-                    self._sequence(packet_id)
+                if qos:
+                    self._sequence(first, packet_id)
                 ready.append(IntakeMessage(topic, b"", qos, packet_id, oversized=length))
                 if stop > end:
                     self._skip = stop - end
@@ -373,8 +383,8 @@ class _Protocol(asyncio.Protocol):
                 if head is None:
                     raise MqttIntakeError("malformed PUBLISH: topic or packet id past its end")
                 topic, qos, packet_id, start = head
-                if qos and not first & _DUP:
-                    self._sequence(packet_id)
+                if qos:
+                    self._sequence(first, packet_id)
                 if self.version == MQTT_5:
                     # Properties (message expiry, content type, ...): nothing the intake uses.
                     start = _skip_properties(buf, start, stop)
@@ -384,17 +394,22 @@ class _Protocol(asyncio.Protocol):
             pos = stop
         return pos
 
-    def _sequence(self, packet_id: int) -> None:
+    def _sequence(self, first: int, packet_id: int) -> None:
         """Count the packet ids skipped before this first delivery of a QoS 1 message.
 
         mosquitto numbers a session's QoS 1 messages in sequence (1..65535, then 1 again) when
         it takes them for the session, and one it then drops is never sent: an id the sequence
-        skips is an uplink the broker dropped for us (its queue for the session was full, or,
-        with 2.0's cap on unsent packets per client, its packet was discarded). Resends after a
-        reconnect carry DUP and their old ids, so they are left out; each connection starts
-        the count afresh. A broker that numbers otherwise makes this count meaningless, never
-        the delivery wrong.
+        skips is an uplink the broker dropped for us (its queue for the session was full), or,
+        with 2.0's cap on unsent packets per client, one whose packet it discarded while the
+        message stays in flight for the session (sent again only on a resumed session). Those
+        resends carry DUP and their old ids: counted as ``resent``, not in the sequence. Each
+        connection starts the count afresh. A broker that numbers otherwise makes this count
+        meaningless (and the ChirpStack source resume its session now and then for nothing),
+        never the delivery wrong.
         """
+        if first & _DUP:
+            self.resent += 1
+            return
         expected = self._expect_id
         if packet_id != expected and expected:
             self.skipped += (packet_id - expected) % 0xFFFF
@@ -447,7 +462,12 @@ class _Protocol(asyncio.Protocol):
             # MQTT 5 lets the broker say why it hangs up (session taken over, shutting down).
             code = body[0] if body else 0
             raise MqttIntakeError(f"broker disconnected: reason code 0x{code:02x}")
-        elif kind != _PINGRESP:
+        elif kind == _PINGRESP:
+            if self.pongs:
+                pong = self.pongs.pop(0)
+                if not pong.done():
+                    pong.set_result(b"")
+        else:
             raise MqttIntakeError(f"unexpected packet type {kind >> 4}")
 
     # -- consumer side ---------------------------------------------------------------------
@@ -455,6 +475,11 @@ class _Protocol(asyncio.Protocol):
         while not self._ready:
             if self._error is not None:
                 raise self._error
+            if self.wake_when_idle and not self.unacked:
+                # Asked for: everything delivered is acknowledged, nothing waits (see
+                # MqttIntake.wake_when_idle).
+                self.wake_when_idle = False
+                return []
             self._waiter = self._loop.create_future()
             try:
                 await self._waiter
@@ -487,6 +512,13 @@ class _Protocol(asyncio.Protocol):
         if not self._ack_scheduled:
             self._ack_scheduled = True
             self._loop.call_soon(self._flush_acks)
+        self._wake_if_idle()
+
+    def _wake_if_idle(self) -> None:
+        if self.wake_when_idle and not self.unacked:
+            waiter = self._waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
 
     def _resume_if_room(self) -> None:
         """Read again once the window is half empty (hysteresis: not a pause per message)."""
@@ -542,13 +574,14 @@ class _Protocol(asyncio.Protocol):
     def _fail(self, exc: MqttIntakeError) -> None:
         if self._error is None:
             self._error = exc
-        for future in (self.connack, self._waiter, *self.pending.values()):
+        for future in (self.connack, self._waiter, *self.pending.values(), *self.pongs):
             if future is not None and not future.done():
                 future.set_exception(self._error)
                 # Retrieved here so an unawaited request future does not log at collection.
                 future.exception()
         self.pending.clear()
         self.read_for.clear()
+        self.pongs.clear()
 
     def _quick_ack(self) -> None:
         # See drivers/chirpstack.py: the PUBACK waits for the outbox commit, so the TCP ACK has
@@ -816,6 +849,43 @@ class MqttIntake:
     @property
     def unacked(self) -> int:
         return self._protocol.unacked
+
+    async def drained(self, timeout_s: float = 2.0) -> bool:
+        """Whether the broker has read everything sent so far (PUBACKs above all), waited for
+        with a PINGREQ: the broker answers packets of a connection in order. False if no answer
+        came within ``timeout_s``.
+
+        Before a session is resumed on another connection: mosquitto reads a connection a
+        packet at a time, so the new CONNECT could take the session over before it read the
+        last PUBACKs of the old one, and it would send those messages again.
+        """
+        protocol = self._protocol
+        protocol._flush_acks()
+        pong: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        protocol.pongs.append(pong)
+        try:
+            protocol.send(_PINGREQ)
+            async with asyncio.timeout(timeout_s):
+                await pong
+        except (TimeoutError, MqttIntakeError):
+            return False
+        return True
+
+    @property
+    def fell_behind(self) -> bool:
+        """Whether reading paused on this connection because the window was full."""
+        return self._protocol.fell_behind
+
+    @property
+    def resent(self) -> int:
+        """QoS 1 messages this connection received marked DUP (sent before, not acknowledged)."""
+        return self._protocol.resent
+
+    def wake_when_idle(self) -> None:
+        """Let the next :meth:`batch` that finds nothing to hand over, with every delivered
+        message acknowledged, return an empty list instead of waiting (once)."""
+        self._protocol.wake_when_idle = True
+        self._protocol._wake_if_idle()
 
     @property
     def skipped(self) -> int:

@@ -118,6 +118,8 @@ def lorawan_summary(source: ChirpStackSource) -> dict[str, Any]:
         # A falling RSSI trend warns of a failing antenna or battery before frames are lost.
         "weakening_devices": weak[:_MAX_LISTED_SILENT],
         "missed_frames": sum(link.missed for link in devices.values()),
+        # Frames that came after their gap was reported (held by the broker, then resent).
+        "late_frames": sum(link.late for link in devices.values()),
         "counters": dict(source.counters),
     }
 

@@ -352,16 +352,15 @@ class ChirpStackSourceConfig(_Section):
         "gateway stops reading and the broker holds the rest for the session.",
     )
     receive_maximum: int = Field(
-        3000,
+        20000,
         ge=1,
         le=65535,
         description="MQTT 5 only: uplinks the broker may have in flight to the gateway, "
-        "unacknowledged; with its queue for the session (mosquitto: max_queued_messages, 1000) "
-        "this is how far the gateway may fall behind before the broker drops uplinks. Those "
-        "beyond max_unacked wait in TCP's buffers, and mosquitto 2.0 discards packets it "
-        "cannot write beyond 1000 per client (they come back only on a reconnect), so keep "
-        "(receive_maximum - max_unacked - 1000) x message size within the kernel's TCP send "
-        "buffer (about 4 MB).",
+        "unacknowledged: how far the gateway may fall behind (plus the broker's queue, "
+        "mosquitto: max_queued_messages, 1000) before the broker drops uplinks. The broker "
+        "holds them in its memory meanwhile; the gateway's stays bounded by max_unacked. "
+        "mosquitto 2.0 discards the packets of those it cannot write yet beyond 1000 and sends "
+        "them again only on a resumed session, which the gateway does once it has caught up.",
     )
 
     @model_validator(mode="after")

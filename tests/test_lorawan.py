@@ -139,6 +139,29 @@ def test_fcnt_gap_reset_and_wrap() -> None:
     assert tracker.uplink(EUI, 0, -80, 5, 300) == []
 
 
+def test_a_frame_of_a_reported_gap_that_comes_late_is_not_a_reset() -> None:
+    """A broker that held frames unsent delivers them after a resumed session: late."""
+    tracker = LinkTracker()
+    tracker.uplink(EUI, 10, -80, 5, 0)
+    (gap,) = tracker.uplink(EUI, 14, -80, 5, 60)  # 11, 12, 13 missing
+    assert gap.kind == "uplink_gap"
+    assert tracker.uplink(EUI, 12, -95, 1, 70) == []
+    link = tracker.devices[EUI]
+    assert (link.missed, link.late, link.last_fcnt, link.rssi) == (2, 1, 14, -80)
+    assert tracker.uplink(EUI, 15, -80, 5, 120) == []  # the count goes on from 14
+    # Behind, but not of a gap: a reset, and the old count's gaps are forgotten.
+    (reset,) = tracker.uplink(EUI, 3, -80, 5, 180)
+    assert reset.kind == "fcnt_reset"
+    (gap,) = tracker.uplink(EUI, 13, -80, 5, 240)  # in the new count, 13 is ahead: a gap
+    assert gap.kind == "uplink_gap"
+    # A join forgets them too; gaps after it are tracked anew.
+    tracker.joined(EUI)
+    assert tracker.uplink(EUI, 0, -80, 5, 300) == []
+    assert tracker.uplink(EUI, 13, -80, 5, 360)[0].kind == "uplink_gap"
+    assert tracker.uplink(EUI, 12, -80, 5, 420) == []
+    assert (link.missed, link.late) == (2 + 9 + 12 - 1, 2)
+
+
 def test_silent_after_two_and_a_half_intervals_and_back() -> None:
     tracker = LinkTracker()
     tracker.device(EUI).expected_interval_s = 60

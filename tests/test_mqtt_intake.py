@@ -1043,6 +1043,41 @@ async def test_uplinks_a_full_broker_queue_dropped_show_as_skipped_ids(
             await intake.close()
 
 
+@broker
+async def test_a_session_taken_over_once_drained_gets_nothing_sent_again(
+    mosquitto: Mosquitto, version: int
+) -> None:
+    """drained() waits until the broker has read the PUBACKs; a new connection with the same
+    client id then takes the session over with nothing in flight to send again."""
+    intake = await connected(mosquitto.port, "takeover", version=version, max_unacked=1000)
+    try:
+        async with publisher(mosquitto.port) as pub:
+            await asyncio.gather(*(pub.publish("t/x", b"%d" % i, qos=1) for i in range(300)))
+            await collect(intake, 300)
+        assert await intake.drained()
+        successor = await open_intake(mosquitto.port, "takeover", version=version)
+        try:
+            assert successor.session_present
+            async with publisher(mosquitto.port) as pub:
+                await pub.publish("t/x", b"after", qos=1)
+            got = await collect_until(successor, b"after")
+            assert [m.payload for m in got] == [b"after"]
+            assert successor.resent == 0
+        finally:
+            await successor.close()
+    finally:
+        await intake.close()
+
+
+async def test_drained_is_false_when_the_broker_does_not_answer() -> None:
+    async with fake_broker(CONNACK_OK) as fake:
+        intake = await open_intake(fake.port, version=MQTT_311)
+        try:
+            assert not await intake.drained(timeout_s=0.2)
+        finally:
+            await intake.close()
+
+
 async def test_acks_of_one_loop_iteration_go_out_in_one_write() -> None:
     protocol, transport = attached(max_unacked=100)
     protocol.data_received(b"".join(publish_packet("t", b"p", 1, pid) for pid in (5, 6, 0x1234)))

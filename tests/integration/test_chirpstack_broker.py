@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -393,10 +395,91 @@ async def test_uplinks_the_broker_dropped_while_the_gateway_was_away_are_counted
                     lambda _m: any(values(e)["f_cnt"] == 51 for e in of_kind(tally, "reading"))
                 )
                 counters = gateway.source("chirpstack").counters  # type: ignore[attr-defined]
+                # Once caught up, the source resumes its session for the 30 skipped ids: none
+                # come back, so they were dropped (not held unsent).
+                async with asyncio.timeout(15):
+                    while "broker_dropped" not in counters:  # noqa: ASYNC110 -- set by the resume
+                        await asyncio.sleep(0.01)
                 assert counters["broker_dropped"] == 30
+                assert counters["broker_skipped"] == 30
+                assert counters["session_resumes"] == 1
     assert [values(e)["f_cnt"] for e in of_kind(tally, "reading")] == [*range(1, 21), 51]
     (gap,) = of_kind(tally, "uplink_gap")
     assert values(gap) == {"missed_frames": 30, "f_cnt": 51}
+
+
+# Publishes the JSON lines {"topic", "hex"} of a file at QoS 1 and waits for every PUBACK.
+_PUBLISHER = """
+import json, sys
+import paho.mqtt.client as mqtt
+client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="chirpstack-burst")
+client.max_inflight_messages_set(65535)
+client.max_queued_messages_set(0)
+client.connect("127.0.0.1", int(sys.argv[1]))
+client.loop_start()
+sent = [client.publish(m["topic"], bytes.fromhex(m["hex"]), qos=1)
+        for m in map(json.loads, open(sys.argv[2]))]
+for info in sent:
+    info.wait_for_publish(60)
+client.disconnect()
+client.loop_stop()
+"""
+
+
+async def test_uplinks_the_broker_held_unsent_come_back_when_the_session_is_resumed(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    """mosquitto 2.0 writes a client's in-flight messages to its socket at once and discards
+    the packets it cannot write yet beyond max_queued_messages (here 100), while the messages
+    stay in flight for the session. The source, having fallen behind, resumes its session on a
+    new connection once it has caught up: the broker sends them again."""
+    require_mosquitto()
+    count = 5000
+    lines = []
+    for f_cnt in range(count):
+        message = uplink(GAUGE, f_cnt, 1000)
+        for n in range(12):  # heard by 13 gateways: ~2.7 KB, as a dense city network sends
+            rx = message.rx_info.add()
+            rx.gateway_id = f"0016c001f153a{n:03x}"
+            rx.rssi = -110
+            rx.snr = -5.0
+            rx.location.latitude, rx.location.longitude = 50.68, 10.93
+        lines.append(json.dumps({"topic": topic(GAUGE), "hex": as_json(message).hex()}))
+    burst = tmp_path / "burst.jsonl"
+    burst.write_text("\n".join(lines) + "\n")
+    # ChirpStack's broker with the small cap; events go upstream to the usual test broker.
+    with Mosquitto(tmp_path / "broker", extra_config=["max_queued_messages 100"]) as broker:
+        cfg = gateway_config(tmp_path / "state", broker.port)
+        cfg["uplink"]["port"] = mosquitto.port
+        cfg["sources"][0]["receive_maximum"] = 65535
+        cfg["sources"][0]["max_unacked"] = 50
+        async with Recorder(mosquitto.host, mosquitto.port, topics=[f"{BASE}/event/#"]) as rec:
+            tally = Tally(rec.messages)
+            async with running(cfg) as gateway:
+                await wait_subscribed(gateway)
+                # This event loop, and with it the gateway, stands still while another process
+                # publishes ~13 MB: the broker fills TCP's buffers towards the gateway, then
+                # its list of unsent packets, then discards packets.
+                subprocess.run(  # noqa: ASYNC221 -- the stall is the point
+                    [sys.executable, "-c", _PUBLISHER, str(broker.port), str(burst)],
+                    check=True,
+                    timeout=120,
+                )
+                await rec.wait_for(
+                    lambda _m: len({e.event_id for e in of_kind(tally, "reading")}) >= count,
+                    timeout=60,
+                )
+                counters = gateway.source("chirpstack").counters  # type: ignore[attr-defined]
+                stats = gateway.source("chirpstack").tracker.devices[GAUGE]  # type: ignore[attr-defined]
+    f_cnts = sorted({values(e)["f_cnt"] for e in of_kind(tally, "reading")})
+    assert f_cnts == list(range(count))
+    # The mechanism was exercised: the held ones were the tail of the burst (no later uplink's
+    # id showed them missing), and came back only because the session was resumed.
+    assert counters["session_resumes"] >= 1
+    assert counters["broker_resent"] > 0
+    assert "broker_dropped" not in counters
+    assert not of_kind(tally, "fcnt_reset") and not of_kind(tally, "uplink_gap")
+    assert stats.missed == 0
 
 
 async def test_downlinks_are_validated_queued_capped_and_acknowledged(
