@@ -71,7 +71,7 @@ _YIELD_EVERY = 8
 _MAX_RESUMES = 20
 # A connection on which the source fell behind is resumed once it has caught up, but no sooner
 # than this after the last resume (see _consume).
-_RESUME_EVERY_S = 2.0
+_RESUME_EVERY_S = 1.0
 _LOG_SEVERITY = {"INFO": Severity.INFO, "WARNING": Severity.WARNING, "ERROR": Severity.ALARM}
 
 

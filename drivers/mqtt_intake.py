@@ -62,6 +62,10 @@ MAX_PACKET_BYTES = 1 << 20
 # the consumer acknowledges within milliseconds of its commit, so a minute means it never will.
 DEFAULT_ACK_STALL_S = 60.0
 
+# A read this large found that much waiting in the socket: the broker had more for us than we
+# took, also when the window never filled (a process starved of CPU does not read at all).
+_BACKLOG_READ = 128 * 1024
+
 # Payload bytes received and not yet acknowledged before reading pauses (with max_unacked).
 DEFAULT_MAX_UNACKED_BYTES = 16 * 1024 * 1024
 
@@ -239,8 +243,9 @@ class _Protocol(asyncio.Protocol):
         self.resent = 0
         # batch() hands back an empty list once nothing is unacknowledged (see wake_when_idle).
         self.wake_when_idle = False
-        # Whether reading ever paused on this connection: the broker then had more for us than
-        # the window, and what TCP could not take waited at the broker.
+        # Whether reading ever paused on this connection, or a read found a backlog waiting:
+        # the broker then had more for us than we took, and what TCP could not take waited at
+        # the broker.
         self.fell_behind = False
         # Waiting for PINGRESPs, oldest first (see MqttIntake.drained).
         self.pongs: list[asyncio.Future[bytes]] = []
@@ -262,6 +267,8 @@ class _Protocol(asyncio.Protocol):
             return
         self.last_received = self._loop.time()
         self._quick_ack()
+        if len(data) >= _BACKLOG_READ:
+            self.fell_behind = True
         if self._skip:
             if len(data) <= self._skip:
                 self._skip -= len(data)
@@ -873,7 +880,8 @@ class MqttIntake:
 
     @property
     def fell_behind(self) -> bool:
-        """Whether reading paused on this connection because the window was full."""
+        """Whether reading paused on this connection because the window was full, or a read
+        found a backlog waiting in the socket."""
         return self._protocol.fell_behind
 
     @property

@@ -1069,6 +1069,15 @@ async def test_a_session_taken_over_once_drained_gets_nothing_sent_again(
         await intake.close()
 
 
+async def test_a_read_that_finds_a_backlog_counts_as_falling_behind() -> None:
+    """The window never filled, but 128 KiB waited in one read: the broker had more for us."""
+    protocol, _transport = attached(max_unacked=100_000)
+    protocol.data_received(publish_packet("t", b"x" * 1000, 1, 1))
+    assert not protocol.fell_behind
+    protocol.data_received(b"".join(publish_packet("t", b"x" * 1000, 1, i) for i in range(2, 140)))
+    assert protocol.fell_behind and not protocol.paused
+
+
 async def test_drained_is_false_when_the_broker_does_not_answer() -> None:
     async with fake_broker(CONNACK_OK) as fake:
         intake = await open_intake(fake.port, version=MQTT_311)
