@@ -213,6 +213,7 @@ class ChirpStackSource:
         self._trying = 0
         self._resumes_in_a_row = 0
         self._resumed_at = 0.0
+        self._next_silence_check = 0.0
 
     @property
     def tracker(self) -> LinkTracker:
@@ -287,6 +288,10 @@ class ChirpStackSource:
 
     async def _session(self, emit: Emit, report_error: ReportError) -> None:
         broker = self._broker
+        # After a lost connection every unacknowledged message comes again, marked DUP: what a
+        # resume was for cannot be told from those, so it is resumed for once more.
+        self._owed += self._trying
+        self._trying = 0
         client = await self._connect()
         try:
             log.info("chirpstack_connected", source=self.name, host=broker.host, port=broker.port)
@@ -298,13 +303,18 @@ class ChirpStackSource:
                 self._client = client
                 self.connected.set()
                 await self._serve(client, emit, report_error)
-                await client.drained()
+                # No downlink starts on a connection about to be handed over; one under way
+                # gets its PUBACK before drained() returns.
+                self._client = None
+                if not await client.drained():
+                    log.info("chirpstack_resume_undrained", source=self.name)
                 # Resumed on a new connection before this one is closed: the broker hands the
                 # session over and hangs up on the old connection in one step, so no uplink
                 # finds the session away (and queued, or dropped) in between.
                 resumed = await self._connect()
                 self._resumed_at = asyncio.get_running_loop().time()
                 old, client = client, resumed
+                self._client = client
                 self._count_resent(old)
                 await old.close()
                 self._count("session_resumes")
@@ -355,7 +365,7 @@ class ChirpStackSource:
         comes is logged, not fatal. A refusal ends the session as on a first connect.
         """
         try:
-            await client.subscribe(self._broker.topic, qos=1, timeout_s=60.0, hold_reading=False)
+            await client.subscribe(self._broker.topic, qos=1, timeout_s=10.0, hold_reading=False)
         except MqttNoAnswerError as exc:
             log.warning("chirpstack_resubscribe_unanswered", source=self.name, error=str(exc))
 
@@ -463,6 +473,7 @@ class ChirpStackSource:
         if verifying:
             recovered = client.resent
             if recovered == 0 or self._resumes_in_a_row >= _MAX_RESUMES:
+                self._trying = max(0, self._trying - recovered)
                 self._give_up()
             else:
                 self._owed += max(0, self._trying - recovered)
@@ -775,13 +786,21 @@ class ChirpStackSource:
         )
 
     async def _watch_silence(self, emit: Emit) -> None:
+        # Restarted with every connection (a resumed session too): the schedule is the
+        # source's, so frequent resumes do not keep postponing the check.
+        loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(_SILENT_CHECK_S)
+            if not self._next_silence_check:
+                self._next_silence_check = loop.time() + _SILENT_CHECK_S
+            await asyncio.sleep(max(0.0, self._next_silence_check - loop.time()))
+            self._next_silence_check = loop.time() + _SILENT_CHECK_S
             now = self._clock()
             ts = datetime.fromtimestamp(now, UTC)
             for finding in self._tracker.check_silent(now):
                 log.warning("device_silent", source=self.name, device=finding.dev_eui)
-                await emit(self._finding(finding, ts, f"silent:{finding.dev_eui}:{int(now)}"))
+                event = self._finding(finding, ts, f"silent:{finding.dev_eui}:{int(now)}")
+                # check_silent marked the device: cancelled mid-emit, the event must still go.
+                await asyncio.shield(emit(event))
 
 
 def integration_log_level(msg: Any) -> str:

@@ -786,8 +786,15 @@ class LinkTracker:
     def _late(link: DeviceLink, fcnt: int) -> bool:
         """Whether ``fcnt`` is a frame of a recent gap, arriving late: it is then no longer
         missed, and neither moves the counter back nor says anything about the link now."""
-        for first, count in link.gaps:
-            if (fcnt - first) % _FCNT_MODULO < count:
+        for i, (first, count) in enumerate(link.gaps):
+            offset = (fcnt - first) % _FCNT_MODULO
+            if offset < count:
+                # Taken out of its gap: a second copy is not late twice.
+                del link.gaps[i]
+                if offset:
+                    link.gaps.append((first, offset))
+                if offset + 1 < count:
+                    link.gaps.append(((fcnt + 1) % _FCNT_MODULO, count - offset - 1))
                 link.missed -= 1
                 link.late += 1
                 link.uplinks += 1

@@ -247,8 +247,9 @@ class _Protocol(asyncio.Protocol):
         # the broker then had more for us than we took, and what TCP could not take waited at
         # the broker.
         self.fell_behind = False
-        # Waiting for PINGRESPs, oldest first (see MqttIntake.drained).
-        self.pongs: list[asyncio.Future[bytes]] = []
+        # One per PINGREQ sent, oldest first: the future of a drained() waiting for its
+        # answer, None for a keepalive ping (see MqttIntake.drained).
+        self.pongs: list[asyncio.Future[bytes] | None] = []
         # Requests whose caller waits for the answer before it consumes again: reading must
         # not pause in front of that answer (see pause_if_full).
         self.read_for: set[int] = set()
@@ -419,7 +420,11 @@ class _Protocol(asyncio.Protocol):
             return
         expected = self._expect_id
         if packet_id != expected and expected:
-            self.skipped += (packet_id - expected) % 0xFFFF
+            gap = (packet_id - expected) % 0xFFFF
+            # mosquitto's ids only move on; a step back (a broker handing out the lowest free
+            # id, say) reads as a gap of more than half the range and is not counted.
+            if gap < 0x8000:
+                self.skipped += gap
         self._expect_id = packet_id % 0xFFFF + 1
 
     @staticmethod
@@ -472,7 +477,7 @@ class _Protocol(asyncio.Protocol):
         elif kind == _PINGRESP:
             if self.pongs:
                 pong = self.pongs.pop(0)
-                if not pong.done():
+                if pong is not None and not pong.done():
                     pong.set_result(b"")
         else:
             raise MqttIntakeError(f"unexpected packet type {kind >> 4}")
@@ -834,9 +839,12 @@ class MqttIntake:
         if qos == 0:
             self._protocol.send(_packet(_PUBLISH, head + props + payload))
             return
+        # The consumer goes on meanwhile (a downlink is published from another task), so the
+        # window holds: with a large Receive Maximum, reading on could take in thousands.
         reason = await self._request(
             lambda pid: _packet(_PUBLISH | 0x02, head + struct.pack("!H", pid) + props + payload),
             timeout_s,
+            hold_reading=False,
         )
         # MQTT 5: a PUBACK may refuse (0x87 not authorised, 0x97 quota exceeded, ...).
         if reason and reason[0] >= 0x80:
@@ -933,6 +941,7 @@ class MqttIntake:
                 return
             with contextlib.suppress(MqttIntakeError):
                 protocol.send(_PINGREQ)
+                protocol.pongs.append(None)  # answered in order: see drained()
 
     async def close(self) -> None:
         """DISCONNECT (so the broker drops no Will and keeps the session) and close."""

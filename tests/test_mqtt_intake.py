@@ -1006,11 +1006,16 @@ async def test_packet_ids_the_sequence_skips_are_counted_resends_and_qos0_are_no
     feed(publish_packet("t", b"p", 1, 3, dup=True), publish_packet("t", b"p", 0))
     feed(publish_packet("t", b"p", 1, 13))
     assert protocol.skipped == 2
+    # A step back (a broker that hands out the lowest free id) is no gap of ~65,000.
+    feed(publish_packet("t", b"p", 1, 5))
+    assert protocol.skipped == 2
     # Ids run 1..65535 and then start at 1 again (0 is not an id).
+    feed(publish_packet("t", b"p", 1, 0xFFF0))  # back again: the sequence goes on from here
+    assert protocol.skipped == 2
     feed(*(publish_packet("t", b"p", 1, pid) for pid in (0xFFFE, 0xFFFF, 1, 2)))
-    assert protocol.skipped == 2 + (0xFFFE - 14)
-    feed(publish_packet("t", b"p", 1, 0xFFFF), publish_packet("t", b"p", 1, 2))  # 1 skipped
-    assert protocol.skipped == 2 + (0xFFFE - 14) + (0xFFFF - 3) + 1
+    assert protocol.skipped == 2 + (0xFFFE - 0xFFF1)
+    feed(publish_packet("t", b"p", 1, 0xFFFE), publish_packet("t", b"p", 1, 1))
+    assert protocol.skipped == 2 + (0xFFFE - 0xFFF1) + 1  # 0xFFFF skipped before 1
     # A connection starts its own count: the first id after connecting is not a skip.
     fresh, _ = attached(max_unacked=1000)
     fresh.data_received(publish_packet("t", b"p", 1, 500))
@@ -1076,6 +1081,19 @@ async def test_a_read_that_finds_a_backlog_counts_as_falling_behind() -> None:
     assert not protocol.fell_behind
     protocol.data_received(b"".join(publish_packet("t", b"x" * 1000, 1, i) for i in range(2, 140)))
     assert protocol.fell_behind and not protocol.paused
+
+
+async def test_a_pingresp_answers_the_oldest_pingreq_a_keepalive_one_too() -> None:
+    """drained() waits for the answer to its own PINGREQ, not to a keepalive ping sent before
+    the PUBACKs it is meant to follow."""
+    protocol, _transport = attached(max_unacked=10)
+    protocol.pongs.append(None)  # the keepalive's, still unanswered
+    own: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+    protocol.pongs.append(own)
+    protocol.data_received(b"\xd0\x00")
+    assert not own.done()
+    protocol.data_received(b"\xd0\x00")
+    assert own.done() and not protocol.pongs
 
 
 async def test_drained_is_false_when_the_broker_does_not_answer() -> None:
