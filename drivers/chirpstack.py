@@ -400,7 +400,7 @@ class ChirpStackSource:
                 verifying = False
                 if client.fell_behind:
                     # The broker may hold packets it could not write (see _idle), and only a
-                    # later uplink's id would show it: resume anyway, at most every few seconds.
+                    # later uplink's id would show it: resume anyway, at most once a second.
                     wait_s = self._resumed_at + _RESUME_EVERY_S - loop.time()
                     if wait_s <= 0:
                         return
